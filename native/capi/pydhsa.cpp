@@ -1,0 +1,530 @@
+// libpydhsa: a small C API over libllama for the Python package (see pydhsa.h for the contract).
+//
+// Everything a user can get wrong is checked here, before it reaches llama.cpp, so that bad input
+// becomes an error code and a message instead of an abort. llama.cpp's own log is captured: its last
+// error line is appended to our message when the engine refuses something (e.g. an unknown
+// architecture), and the log reaches stderr only in verbose mode.
+
+#include "pydhsa.h"
+
+#include "llama.h"
+
+#include <algorithm>
+#include <cctype>
+#include <cerrno>
+#include <chrono>
+#include <cstdarg>
+#include <cstdio>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <sys/stat.h>
+#if defined(_WIN32)
+#else
+#    include <sys/resource.h>
+#endif
+
+#define PYDHSA_VERSION_STRING "0.1.0"
+
+namespace {
+
+// Limits that reject absurd values with a clear message instead of a failed giant allocation.
+constexpr int32_t kMaxThreads = 1024;
+constexpr int32_t kMaxBatch   = 1 << 20;
+
+std::mutex g_log_mutex;
+bool g_verbose = false;
+std::string g_last_log_error;  // the engine's most recent error line (guarded by g_log_mutex)
+std::string g_log_line;        // the message being assembled: ggml sends lines in fragments (CONT)
+enum ggml_log_level g_log_level = GGML_LOG_LEVEL_NONE;
+
+void log_callback(enum ggml_log_level level, const char * text, void * /*user_data*/) {
+    std::lock_guard<std::mutex> lock(g_log_mutex);
+    if (g_verbose) {
+        fputs(text, stderr);
+    }
+    if (level != GGML_LOG_LEVEL_CONT) {
+        g_log_level = level;
+        g_log_line.clear();
+    }
+    g_log_line += text;
+    if (g_log_level == GGML_LOG_LEVEL_ERROR && !g_log_line.empty() && g_log_line.back() == '\n') {
+        g_last_log_error = g_log_line;
+        while (!g_last_log_error.empty() && isspace((unsigned char) g_last_log_error.back())) {
+            g_last_log_error.pop_back();
+        }
+    }
+}
+
+void ensure_backend() {
+    static std::once_flag once;
+    std::call_once(once, [] {
+        llama_log_set(log_callback, nullptr);
+        llama_backend_init();
+    });
+}
+
+std::string take_last_log_error() {
+    std::lock_guard<std::mutex> lock(g_log_mutex);
+    std::string s;
+    s.swap(g_last_log_error);
+    return s;
+}
+
+void clear_last_log_error() {
+    std::lock_guard<std::mutex> lock(g_log_mutex);
+    g_last_log_error.clear();
+}
+
+int32_t set_error(pydhsa_error * err, int32_t code, const char * fmt, ...) {
+    if (err) {
+        err->code = code;
+        va_list args;
+        va_start(args, fmt);
+        vsnprintf(err->message, sizeof(err->message), fmt, args);
+        va_end(args);
+    }
+    return code;
+}
+
+int32_t ok(pydhsa_error * err) {
+    if (err) {
+        err->code       = PYDHSA_OK;
+        err->message[0] = '\0';
+    }
+    return PYDHSA_OK;
+}
+
+double now_ms() {
+    using namespace std::chrono;
+    return duration<double, std::milli>(steady_clock::now().time_since_epoch()).count();
+}
+
+uint64_t peak_rss_bytes() {
+#if defined(_WIN32)
+    return 0;
+#else
+    struct rusage usage {};
+    getrusage(RUSAGE_SELF, &usage);
+#    if defined(__APPLE__)
+    return (uint64_t) usage.ru_maxrss;  // bytes on macOS
+#    else
+    return (uint64_t) usage.ru_maxrss * 1024;  // kilobytes on Linux
+#    endif
+#endif
+}
+
+// Checks that catch the common mistakes with a precise message before llama.cpp sees the file.
+int32_t check_gguf_file(const char * path, pydhsa_error * err) {
+    struct stat st {};
+    if (stat(path, &st) != 0) {
+        return set_error(err, PYDHSA_ERR_FILE, "model file not found: %s", path);
+    }
+    if (!S_ISREG(st.st_mode)) {
+        return set_error(err, PYDHSA_ERR_FILE, "model path is not a regular file: %s", path);
+    }
+    FILE * f = fopen(path, "rb");
+    if (!f) {
+        return set_error(err, PYDHSA_ERR_FILE, "cannot open model file %s: %s", path, strerror(errno));
+    }
+    char magic[4] = { 0 };
+    const size_t n = fread(magic, 1, sizeof(magic), f);
+    fclose(f);
+    if (n != sizeof(magic) || memcmp(magic, "GGUF", 4) != 0) {
+        return set_error(err, PYDHSA_ERR_FILE, "not a GGUF file (bad magic): %s", path);
+    }
+    return PYDHSA_OK;
+}
+
+}  // namespace
+
+struct pydhsa_model {
+    llama_model * model = nullptr;
+    double t_load_ms    = 0.0;
+};
+
+struct pydhsa_session {
+    pydhsa_model * model   = nullptr;
+    llama_context * ctx    = nullptr;
+    int32_t n_ctx          = 0;
+    int32_t n_batch        = 0;
+    int32_t n_past         = 0;
+    double t_prefill_ms    = 0.0;
+    int32_t n_prefill      = 0;
+    double t_generate_ms   = 0.0;
+    int32_t n_generate     = 0;
+};
+
+extern "C" {
+
+const char * pydhsa_version(void) {
+    return PYDHSA_VERSION_STRING;
+}
+
+const char * pydhsa_system_info(void) {
+    ensure_backend();
+    return llama_print_system_info();
+}
+
+void pydhsa_set_verbose(bool verbose) {
+    std::lock_guard<std::mutex> lock(g_log_mutex);
+    g_verbose = verbose;
+}
+
+int32_t pydhsa_model_load(const char * path, int32_t n_gpu_layers, pydhsa_model ** out, pydhsa_error * err) {
+    if (!path || !out) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "model path and output pointer must not be NULL");
+    }
+    *out = nullptr;
+    if (n_gpu_layers < -1 || n_gpu_layers > 100000) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "n_gpu_layers must be -1 (all) or between 0 and 100000, got %d",
+                         n_gpu_layers);
+    }
+    if (int32_t rc = check_gguf_file(path, err)) {
+        return rc;
+    }
+    ensure_backend();
+    clear_last_log_error();
+
+    llama_model_params params = llama_model_default_params();
+    params.n_gpu_layers       = n_gpu_layers;
+
+    const double t0 = now_ms();
+    llama_model * model = nullptr;
+    try {
+        model = llama_model_load_from_file(path, params);
+    } catch (const std::exception & e) {
+        return set_error(err, PYDHSA_ERR_MODEL, "failed to load %s: %s", path, e.what());
+    }
+    if (!model) {
+        const std::string why = take_last_log_error();
+        return set_error(err, PYDHSA_ERR_MODEL, "failed to load %s%s%s", path, why.empty() ? "" : ": ", why.c_str());
+    }
+    auto * m     = new pydhsa_model;
+    m->model     = model;
+    m->t_load_ms = now_ms() - t0;
+    *out         = m;
+    return ok(err);
+}
+
+void pydhsa_model_free(pydhsa_model * model) {
+    if (!model) {
+        return;
+    }
+    llama_model_free(model->model);
+    delete model;
+}
+
+int32_t pydhsa_model_get_info(const pydhsa_model * model, pydhsa_model_info * out, pydhsa_error * err) {
+    if (!model || !out) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "model and output must not be NULL");
+    }
+    const llama_model * m = model->model;
+    *out                  = pydhsa_model_info{};
+    llama_model_meta_val_str(m, "general.architecture", out->architecture, sizeof(out->architecture));
+    llama_model_desc(m, out->description, sizeof(out->description));
+    out->n_layer     = llama_model_n_layer(m);
+    out->n_head      = llama_model_n_head(m);
+    out->n_head_kv   = llama_model_n_head_kv(m);
+    out->n_embd      = llama_model_n_embd(m);
+    out->head_dim    = out->n_head > 0 ? out->n_embd / out->n_head : 0;
+    out->n_ctx_train = llama_model_n_ctx_train(m);
+    out->n_swa       = llama_model_n_swa(m);
+    const llama_vocab * vocab = llama_model_get_vocab(m);
+    out->n_vocab     = llama_vocab_n_tokens(vocab);
+    out->n_params    = llama_model_n_params(m);
+    out->size_bytes  = llama_model_size(m);
+    out->add_bos     = llama_vocab_get_add_bos(vocab);
+    // The head size is a hyperparameter of its own in Gemma (256 for a 640-wide 270M); prefer it.
+    char buf[32];
+    const std::string key = std::string(out->architecture) + ".attention.key_length";
+    if (llama_model_meta_val_str(m, key.c_str(), buf, sizeof(buf)) > 0) {
+        out->head_dim = atoi(buf);
+    }
+    return ok(err);
+}
+
+int32_t pydhsa_model_meta(const pydhsa_model * model, const char * key, char * buf, int32_t buf_size, pydhsa_error * err) {
+    if (!model || !key || !buf || buf_size <= 0) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "model, key and a non-empty buffer are required");
+    }
+    const int32_t n = llama_model_meta_val_str(model->model, key, buf, (size_t) buf_size);
+    if (n < 0) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "no metadata key %s", key);
+    }
+    if (n >= buf_size) {
+        return set_error(err, PYDHSA_ERR_BUFFER, "metadata value of %s needs %d bytes", key, n + 1);
+    }
+    return ok(err);
+}
+
+int32_t pydhsa_tokenize(const pydhsa_model * model, const char * text, int32_t text_len, bool add_special,
+                        int32_t * tokens, int32_t n_max, int32_t * n_out, pydhsa_error * err) {
+    if (!model || !text || text_len < 0 || n_max < 0 || (n_max > 0 && !tokens) || !n_out) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "invalid arguments to pydhsa_tokenize");
+    }
+    const llama_vocab * vocab = llama_model_get_vocab(model->model);
+    // parse_special: control tokens written in the text are recognised, as llama-completion does.
+    const int32_t n = llama_tokenize(vocab, text, text_len, tokens, n_max, add_special, /*parse_special=*/true);
+    if (n == INT32_MIN) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "text too long to tokenize");
+    }
+    if (n < 0) {
+        *n_out = -n;
+        return set_error(err, PYDHSA_ERR_BUFFER, "token buffer too small: %d tokens needed", -n);
+    }
+    *n_out = n;
+    return ok(err);
+}
+
+int32_t pydhsa_detokenize(const pydhsa_model * model, const int32_t * tokens, int32_t n_tokens, char * buf,
+                          int32_t buf_size, int32_t * n_out, pydhsa_error * err) {
+    if (!model || (n_tokens > 0 && !tokens) || n_tokens < 0 || !buf || buf_size < 0 || !n_out) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "invalid arguments to pydhsa_detokenize");
+    }
+    const llama_vocab * vocab = llama_model_get_vocab(model->model);
+    const int32_t n_vocab     = llama_vocab_n_tokens(vocab);
+    for (int32_t i = 0; i < n_tokens; i++) {
+        if (tokens[i] < 0 || tokens[i] >= n_vocab) {
+            return set_error(err, PYDHSA_ERR_ARGUMENT, "token id %d out of range [0, %d)", tokens[i], n_vocab);
+        }
+    }
+    const int32_t n = llama_detokenize(vocab, tokens, n_tokens, buf, buf_size, /*remove_special=*/false,
+                                       /*unparse_special=*/false);
+    if (n < 0) {
+        *n_out = -n;
+        return set_error(err, PYDHSA_ERR_BUFFER, "text buffer too small: %d bytes needed", -n);
+    }
+    *n_out = n;
+    return ok(err);
+}
+
+void pydhsa_session_default_params(pydhsa_session_params * params) {
+    if (!params) {
+        return;
+    }
+    params->n_ctx     = 4096;  // llama.cpp's default context
+    params->n_threads = 0;
+    params->n_batch   = 2048;
+    params->n_ubatch  = 512;
+    params->verbose   = false;
+}
+
+int32_t pydhsa_session_create(pydhsa_model * model, const pydhsa_session_params * params, pydhsa_session ** out,
+                              pydhsa_error * err) {
+    if (!model || !params || !out) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "model, params and output must not be NULL");
+    }
+    *out = nullptr;
+    const int32_t n_ctx_train = llama_model_n_ctx_train(model->model);
+    if (params->n_ctx < 0 || params->n_ctx > n_ctx_train) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT,
+                         "context size must be between 1 and the model's training context %d (0 = that), got %d",
+                         n_ctx_train, params->n_ctx);
+    }
+    if (params->n_threads > kMaxThreads) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "threads must be at most %d, got %d", kMaxThreads, params->n_threads);
+    }
+    if (params->n_batch < 1 || params->n_batch > kMaxBatch) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "batch size must be between 1 and %d, got %d", kMaxBatch,
+                         params->n_batch);
+    }
+    if (params->n_ubatch < 1 || params->n_ubatch > kMaxBatch) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "ubatch size must be between 1 and %d, got %d", kMaxBatch,
+                         params->n_ubatch);
+    }
+    pydhsa_set_verbose(params->verbose);
+    clear_last_log_error();
+
+    const int32_t n_threads = params->n_threads > 0 ? params->n_threads
+                                                    : (int32_t) std::max(1u, std::thread::hardware_concurrency());
+    llama_context_params cparams = llama_context_default_params();
+    cparams.n_ctx                = params->n_ctx > 0 ? params->n_ctx : n_ctx_train;
+    cparams.n_batch              = params->n_batch;
+    cparams.n_ubatch             = std::min(params->n_ubatch, params->n_batch);  // as llama.cpp clamps it
+    cparams.n_threads            = n_threads;
+    cparams.n_threads_batch      = n_threads;
+    cparams.no_perf              = false;
+
+    llama_context * ctx = nullptr;
+    try {
+        ctx = llama_init_from_model(model->model, cparams);
+    } catch (const std::exception & e) {
+        return set_error(err, PYDHSA_ERR_CONTEXT, "failed to create the context: %s", e.what());
+    }
+    if (!ctx) {
+        const std::string why = take_last_log_error();
+        return set_error(err, PYDHSA_ERR_CONTEXT, "failed to create the context%s%s", why.empty() ? "" : ": ",
+                         why.c_str());
+    }
+    auto * s    = new pydhsa_session;
+    s->model    = model;
+    s->ctx      = ctx;
+    s->n_ctx    = (int32_t) llama_n_ctx(ctx);
+    s->n_batch  = (int32_t) llama_n_batch(ctx);
+    *out        = s;
+    return ok(err);
+}
+
+void pydhsa_session_free(pydhsa_session * session) {
+    if (!session) {
+        return;
+    }
+    llama_free(session->ctx);
+    delete session;
+}
+
+int32_t pydhsa_session_reset(pydhsa_session * session, pydhsa_error * err) {
+    if (!session) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "session must not be NULL");
+    }
+    llama_memory_clear(llama_get_memory(session->ctx), /*data=*/true);
+    session->n_past = 0;
+    return ok(err);
+}
+
+int32_t pydhsa_session_n_ctx(const pydhsa_session * session) {
+    return session ? session->n_ctx : 0;
+}
+
+static int32_t decode_tokens(pydhsa_session * s, const int32_t * tokens, int32_t n, pydhsa_error * err) {
+    llama_batch batch = llama_batch_get_one(const_cast<llama_token *>(tokens), n);
+    int32_t rc        = 0;
+    try {
+        rc = llama_decode(s->ctx, batch);
+    } catch (const std::exception & e) {
+        return set_error(err, PYDHSA_ERR_DECODE, "decode failed: %s", e.what());
+    }
+    if (rc != 0) {
+        const std::string why = take_last_log_error();
+        return set_error(err, PYDHSA_ERR_DECODE, "decode failed (llama_decode returned %d)%s%s", rc,
+                         why.empty() ? "" : ": ", why.c_str());
+    }
+    s->n_past += n;
+    return PYDHSA_OK;
+}
+
+int32_t pydhsa_prefill(pydhsa_session * session, const int32_t * tokens, int32_t n_tokens, pydhsa_error * err) {
+    if (!session || n_tokens < 0 || (n_tokens > 0 && !tokens)) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "invalid arguments to pydhsa_prefill");
+    }
+    if (n_tokens == 0) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "nothing to prefill: the prompt has no tokens");
+    }
+    if ((int64_t) session->n_past + n_tokens > session->n_ctx) {
+        return set_error(err, PYDHSA_ERR_TOO_LONG,
+                         "the prompt is %d tokens but the context holds %d (%d already used); raise the context "
+                         "size (-c)",
+                         n_tokens, session->n_ctx, session->n_past);
+    }
+    const int32_t n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(session->model->model));
+    for (int32_t i = 0; i < n_tokens; i++) {
+        if (tokens[i] < 0 || tokens[i] >= n_vocab) {
+            return set_error(err, PYDHSA_ERR_ARGUMENT, "token id %d at position %d out of range [0, %d)", tokens[i],
+                             i, n_vocab);
+        }
+    }
+    const double t0 = now_ms();
+    for (int32_t i = 0; i < n_tokens; i += session->n_batch) {
+        const int32_t n = std::min(session->n_batch, n_tokens - i);
+        if (int32_t rc = decode_tokens(session, tokens + i, n, err)) {
+            return rc;
+        }
+    }
+    session->t_prefill_ms += now_ms() - t0;
+    session->n_prefill += n_tokens;
+    return ok(err);
+}
+
+static llama_sampler * make_sampler(float temperature, uint32_t seed) {
+    llama_sampler * chain = llama_sampler_chain_init(llama_sampler_chain_default_params());
+    if (temperature <= 0.0f) {
+        llama_sampler_chain_add(chain, llama_sampler_init_greedy());
+        return chain;
+    }
+    llama_sampler_chain_add(chain, llama_sampler_init_top_k(40));
+    llama_sampler_chain_add(chain, llama_sampler_init_top_p(0.95f, 1));
+    llama_sampler_chain_add(chain, llama_sampler_init_min_p(0.05f, 1));
+    llama_sampler_chain_add(chain, llama_sampler_init_temp(temperature));
+    llama_sampler_chain_add(chain, llama_sampler_init_dist(seed));
+    return chain;
+}
+
+int32_t pydhsa_generate(pydhsa_session * session, int32_t max_tokens, float temperature, uint32_t seed,
+                        pydhsa_token_callback callback, void * user_data, int32_t * n_generated, pydhsa_error * err) {
+    if (!session || max_tokens < 0 || !n_generated) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "invalid arguments to pydhsa_generate");
+    }
+    *n_generated = 0;
+    if (session->n_past == 0) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "generate needs a prompt: prefill at least one token first");
+    }
+    if (!(temperature == temperature) || temperature > 100.0f) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "temperature must be a number between 0 and 100");
+    }
+    const llama_vocab * vocab = llama_model_get_vocab(session->model->model);
+    llama_sampler * sampler   = make_sampler(temperature, seed);
+    std::vector<char> piece(256);
+    int32_t status  = PYDHSA_OK;
+    const double t0 = now_ms();
+    for (int32_t i = 0; i < max_tokens && session->n_past < session->n_ctx; i++) {
+        llama_token token = llama_sampler_sample(sampler, session->ctx, -1);
+        if (llama_vocab_is_eog(vocab, token)) {
+            break;
+        }
+        int32_t n = llama_token_to_piece(vocab, token, piece.data(), (int32_t) piece.size(), 0, /*special=*/false);
+        if (n < 0) {
+            piece.resize((size_t) -n);
+            n = llama_token_to_piece(vocab, token, piece.data(), (int32_t) piece.size(), 0, false);
+        }
+        ++*n_generated;
+        session->n_generate++;
+        const bool stop = callback && callback(user_data, token, piece.data(), std::max(n, 0)) != 0;
+        if (stop) {
+            break;
+        }
+        if ((status = decode_tokens(session, &token, 1, err)) != PYDHSA_OK) {
+            break;
+        }
+    }
+    session->t_generate_ms += now_ms() - t0;
+    llama_sampler_free(sampler);
+    return status == PYDHSA_OK ? ok(err) : status;
+}
+
+int32_t pydhsa_last_logits(pydhsa_session * session, float * out, int32_t n_vocab, pydhsa_error * err) {
+    if (!session || !out) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "session and output must not be NULL");
+    }
+    const int32_t expected = llama_vocab_n_tokens(llama_model_get_vocab(session->model->model));
+    if (n_vocab != expected) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "logits buffer has %d entries, the vocabulary %d", n_vocab, expected);
+    }
+    if (session->n_past == 0) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "no logits yet: nothing has been evaluated");
+    }
+    const float * logits = llama_get_logits_ith(session->ctx, -1);
+    if (!logits) {
+        return set_error(err, PYDHSA_ERR_INTERNAL, "the last position has no logits");
+    }
+    memcpy(out, logits, sizeof(float) * (size_t) n_vocab);
+    return ok(err);
+}
+
+void pydhsa_session_timings(const pydhsa_session * session, pydhsa_timings * out) {
+    if (!session || !out) {
+        return;
+    }
+    out->t_load_ms      = session->model->t_load_ms;
+    out->t_prefill_ms   = session->t_prefill_ms;
+    out->n_prefill      = session->n_prefill;
+    out->t_generate_ms  = session->t_generate_ms;
+    out->n_generate     = session->n_generate;
+    out->n_past         = session->n_past;
+    out->peak_rss_bytes = peak_rss_bytes();
+}
+
+}  // extern "C"

@@ -1,0 +1,134 @@
+/*
+ * libpydhsa: the small, stable C API that the Python package binds (through cffi) instead of llama.h.
+ *
+ * Conventions
+ *  - Every function that can fail returns a pydhsa_status (0 = ok) and fills the caller's pydhsa_error
+ *    with a one-line message; none aborts on bad input.
+ *  - Objects are created by *_create/*_load and released by the matching *_free; a NULL is ignored.
+ *  - The cffi binding reads the declarations between the "cffi:begin" and "cffi:end" markers, so that
+ *    part must stay plain C: no preprocessor lines, and PYDHSA_API (which the binding strips) before
+ *    each function.
+ */
+#ifndef PYDHSA_H
+#define PYDHSA_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(_WIN32)
+#    define PYDHSA_API __declspec(dllexport)
+#else
+#    define PYDHSA_API __attribute__((visibility("default")))
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* cffi:begin */
+typedef enum {
+    PYDHSA_OK              = 0,
+    PYDHSA_ERR_ARGUMENT    = 1, /* a parameter is out of range or NULL */
+    PYDHSA_ERR_FILE        = 2, /* missing, unreadable, not GGUF, truncated */
+    PYDHSA_ERR_MODEL       = 3, /* the engine could not load the model (e.g. unsupported architecture) */
+    PYDHSA_ERR_CONTEXT     = 4, /* the context could not be created (e.g. out of memory) */
+    PYDHSA_ERR_TOO_LONG    = 5, /* the tokens do not fit in the context */
+    PYDHSA_ERR_DECODE      = 6, /* llama_decode failed */
+    PYDHSA_ERR_BUFFER      = 7, /* the output buffer is too small; the needed size is reported */
+    PYDHSA_ERR_ABORTED     = 8, /* the token callback asked to stop (not an error for generate) */
+    PYDHSA_ERR_INTERNAL    = 9
+} pydhsa_status;
+
+typedef struct {
+    int32_t code;
+    char message[512];
+} pydhsa_error;
+
+typedef struct pydhsa_model pydhsa_model;
+typedef struct pydhsa_session pydhsa_session;
+
+typedef struct {
+    char architecture[64];   /* general.architecture, e.g. "gemma3" */
+    char description[128];   /* llama_model_desc: type, size and quantisation */
+    int32_t n_layer;
+    int32_t n_head;
+    int32_t n_head_kv;
+    int32_t n_embd;
+    int32_t head_dim;        /* n_embd_head_k */
+    int32_t n_ctx_train;
+    int32_t n_swa;           /* sliding-window size, 0 if none */
+    int32_t n_vocab;
+    uint64_t n_params;
+    uint64_t size_bytes;
+    bool add_bos;
+} pydhsa_model_info;
+
+typedef struct {
+    int32_t n_ctx;      /* context length in tokens; 0 = the model's training context */
+    int32_t n_threads;  /* threads for decode and batch processing; <= 0 = default */
+    int32_t n_batch;    /* logical batch size */
+    int32_t n_ubatch;   /* physical batch size */
+    bool verbose;       /* let llama.cpp's log through to stderr */
+} pydhsa_session_params;
+
+typedef struct {
+    double t_load_ms;       /* model load */
+    double t_prefill_ms;    /* prompt processing, summed over prefill calls */
+    int32_t n_prefill;      /* prompt tokens processed */
+    double t_generate_ms;   /* token generation (decode + sampling) */
+    int32_t n_generate;     /* tokens generated */
+    int32_t n_past;         /* tokens now in the context */
+    uint64_t peak_rss_bytes; /* peak resident memory of the process so far */
+} pydhsa_timings;
+
+/* Called for each generated token with its text piece (raw bytes, possibly part of a UTF-8
+ * character). Return non-zero to stop generation. */
+typedef int32_t (*pydhsa_token_callback)(void * user_data, int32_t token, const char * piece, int32_t piece_len);
+
+PYDHSA_API const char * pydhsa_version(void);
+PYDHSA_API const char * pydhsa_system_info(void);
+PYDHSA_API void pydhsa_set_verbose(bool verbose);
+
+PYDHSA_API int32_t pydhsa_model_load(const char * path, int32_t n_gpu_layers, pydhsa_model ** out, pydhsa_error * err);
+PYDHSA_API void pydhsa_model_free(pydhsa_model * model);
+PYDHSA_API int32_t pydhsa_model_get_info(const pydhsa_model * model, pydhsa_model_info * out, pydhsa_error * err);
+/* Metadata value of `key` as a string; PYDHSA_ERR_ARGUMENT if the key is absent. */
+PYDHSA_API int32_t pydhsa_model_meta(const pydhsa_model * model, const char * key, char * buf, int32_t buf_size, pydhsa_error * err);
+
+/* Tokenize `text` (text_len bytes). Writes at most n_max tokens; *n_out is the token count, and
+ * PYDHSA_ERR_BUFFER is returned when it exceeds n_max. */
+PYDHSA_API int32_t pydhsa_tokenize(const pydhsa_model * model, const char * text, int32_t text_len, bool add_special,
+                                   int32_t * tokens, int32_t n_max, int32_t * n_out, pydhsa_error * err);
+/* Text of `tokens`; *n_out is the byte length (PYDHSA_ERR_BUFFER when it exceeds buf_size). */
+PYDHSA_API int32_t pydhsa_detokenize(const pydhsa_model * model, const int32_t * tokens, int32_t n_tokens,
+                                     char * buf, int32_t buf_size, int32_t * n_out, pydhsa_error * err);
+
+PYDHSA_API void pydhsa_session_default_params(pydhsa_session_params * params);
+PYDHSA_API int32_t pydhsa_session_create(pydhsa_model * model, const pydhsa_session_params * params,
+                                         pydhsa_session ** out, pydhsa_error * err);
+PYDHSA_API void pydhsa_session_free(pydhsa_session * session);
+/* Forget every token in the context (the KV cache is cleared); timings are kept. */
+PYDHSA_API int32_t pydhsa_session_reset(pydhsa_session * session, pydhsa_error * err);
+PYDHSA_API int32_t pydhsa_session_n_ctx(const pydhsa_session * session);
+
+/* Append tokens to the context and run them through the model (in n_batch pieces). Fails with
+ * PYDHSA_ERR_TOO_LONG, before computing anything, when they do not fit. */
+PYDHSA_API int32_t pydhsa_prefill(pydhsa_session * session, const int32_t * tokens, int32_t n_tokens, pydhsa_error * err);
+/* Sample up to max_tokens tokens after the current context, feeding each back in. temperature <= 0
+ * is greedy; otherwise top-k 40, top-p 0.95, min-p 0.05, temperature, then a seeded draw (llama.cpp's
+ * defaults). Stops at an end-of-generation token, when the context is full, or when the callback
+ * returns non-zero. *n_generated receives the number of tokens produced. */
+PYDHSA_API int32_t pydhsa_generate(pydhsa_session * session, int32_t max_tokens, float temperature, uint32_t seed,
+                                   pydhsa_token_callback callback, void * user_data, int32_t * n_generated,
+                                   pydhsa_error * err);
+/* Logits of the last evaluated position (n_vocab floats). */
+PYDHSA_API int32_t pydhsa_last_logits(pydhsa_session * session, float * out, int32_t n_vocab, pydhsa_error * err);
+PYDHSA_API void pydhsa_session_timings(const pydhsa_session * session, pydhsa_timings * out);
+/* cffi:end */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* PYDHSA_H */

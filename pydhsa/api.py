@@ -1,0 +1,305 @@
+"""High-level Python API: Model and Session over libpydhsa.
+
+    from pydhsa import Model
+    with Model("model.gguf") as model:
+        session = model.session(n_ctx=8192)
+        for piece in session.generate("The capital of France is", max_tokens=16, temperature=0):
+            print(piece, end="", flush=True)
+        print(session.timings())
+
+Ownership is explicit: a Model owns its C model, a Session its C context; both free them on close(),
+on leaving a `with` block, or when garbage-collected. A Session keeps its Model alive.
+"""
+from __future__ import annotations
+
+import codecs
+import os
+import queue
+import random
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from . import _native
+from .errors import PydhsaError, error_for
+
+MAX_THREADS = 1024
+
+
+def _check(lib, status: int, err) -> None:
+    if status != 0:
+        raise error_for(int(err.code) or status, _native.ffi.string(err.message).decode("utf-8", "replace"))
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    architecture: str
+    description: str
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_embd: int
+    head_dim: int
+    n_ctx_train: int
+    n_swa: int
+    n_vocab: int
+    n_params: int
+    size_bytes: int
+    add_bos: bool
+
+
+@dataclass(frozen=True)
+class Timings:
+    t_load_ms: float
+    t_prefill_ms: float
+    n_prefill: int
+    t_generate_ms: float
+    n_generate: int
+    n_past: int
+    peak_rss_bytes: int
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.n_prefill / (self.t_prefill_ms / 1e3) if self.t_prefill_ms > 0 else 0.0
+
+    @property
+    def generate_tok_s(self) -> float:
+        return self.n_generate / (self.t_generate_ms / 1e3) if self.t_generate_ms > 0 else 0.0
+
+
+def default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+class Model:
+    """A GGUF model loaded by the engine. `n_gpu_layers`: layers to offload (-1 = all, 0 = CPU only)."""
+
+    def __init__(self, path: str | os.PathLike, n_gpu_layers: int = 0, verbose: bool = False):
+        self._lib = _native.load()
+        self._ptr = None
+        self.path = Path(path)
+        ffi = _native.ffi
+        self._lib.pydhsa_set_verbose(bool(verbose))
+        out = ffi.new("pydhsa_model **")
+        err = ffi.new("pydhsa_error *")
+        _check(self._lib, self._lib.pydhsa_model_load(os.fsencode(self.path), int(n_gpu_layers), out, err), err)
+        self._ptr = out[0]
+        info = ffi.new("pydhsa_model_info *")
+        _check(self._lib, self._lib.pydhsa_model_get_info(self._ptr, info, err), err)
+        self.info = ModelInfo(
+            architecture=ffi.string(info.architecture).decode(), description=ffi.string(info.description).decode(),
+            n_layer=info.n_layer, n_head=info.n_head, n_head_kv=info.n_head_kv, n_embd=info.n_embd,
+            head_dim=info.head_dim, n_ctx_train=info.n_ctx_train, n_swa=info.n_swa, n_vocab=info.n_vocab,
+            n_params=int(info.n_params), size_bytes=int(info.size_bytes), add_bos=bool(info.add_bos))
+
+    def _handle(self):
+        if self._ptr is None:
+            raise PydhsaError("the model has been closed")
+        return self._ptr
+
+    def meta(self, key: str) -> Optional[str]:
+        """A metadata value as text, or None when the file has no such key."""
+        ffi = _native.ffi
+        buf = ffi.new("char[]", 4096)
+        err = ffi.new("pydhsa_error *")
+        if self._lib.pydhsa_model_meta(self._handle(), key.encode(), buf, len(buf), err) != 0:
+            return None
+        return ffi.string(buf).decode("utf-8", "replace")
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        ffi = _native.ffi
+        data = text.encode("utf-8")
+        n_out = ffi.new("int32_t *")
+        err = ffi.new("pydhsa_error *")
+        capacity = len(data) + 8
+        while True:
+            tokens = ffi.new("int32_t[]", capacity)
+            status = self._lib.pydhsa_tokenize(self._handle(), data, len(data), add_special, tokens, capacity, n_out, err)
+            if status == 7:  # buffer too small: retry with the size the library asked for
+                capacity = n_out[0]
+                continue
+            _check(self._lib, status, err)
+            return list(tokens[0:n_out[0]])
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        ffi = _native.ffi
+        arr = ffi.new("int32_t[]", list(tokens))
+        n_out = ffi.new("int32_t *")
+        err = ffi.new("pydhsa_error *")
+        capacity = 16 * len(tokens) + 16
+        while True:
+            buf = ffi.new("char[]", capacity)
+            status = self._lib.pydhsa_detokenize(self._handle(), arr, len(tokens), buf, capacity, n_out, err)
+            if status == 7:
+                capacity = n_out[0] + 1
+                continue
+            _check(self._lib, status, err)
+            return ffi.unpack(buf, n_out[0]).decode("utf-8", "replace")
+
+    def session(self, n_ctx: int = 4096, n_threads: Optional[int] = None, n_batch: int = 2048, n_ubatch: int = 512,
+                verbose: bool = False) -> "Session":
+        return Session(self, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, n_ubatch=n_ubatch, verbose=verbose)
+
+    def close(self) -> None:
+        if self._ptr is not None:
+            self._lib.pydhsa_model_free(self._ptr)
+            self._ptr = None
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_ptr", None) is not None:
+            self.close()
+
+
+class Session:
+    """A context (KV cache) on a Model: prefill tokens, then generate."""
+
+    def __init__(self, model: Model, n_ctx: int = 4096, n_threads: Optional[int] = None, n_batch: int = 2048,
+                 n_ubatch: int = 512, verbose: bool = False):
+        self.model = model
+        self._lib = model._lib
+        self._ptr = None
+        ffi = _native.ffi
+        threads = default_threads() if n_threads is None else int(n_threads)
+        if not 1 <= threads <= MAX_THREADS:
+            raise PydhsaError(f"threads must be between 1 and {MAX_THREADS}, got {threads}")
+        params = ffi.new("pydhsa_session_params *")
+        self._lib.pydhsa_session_default_params(params)
+        params.n_ctx, params.n_threads = int(n_ctx), threads
+        params.n_batch, params.n_ubatch, params.verbose = int(n_batch), int(n_ubatch), bool(verbose)
+        out = ffi.new("pydhsa_session **")
+        err = ffi.new("pydhsa_error *")
+        _check(self._lib, self._lib.pydhsa_session_create(model._handle(), params, out, err), err)
+        self._ptr = out[0]
+        self.n_ctx = int(self._lib.pydhsa_session_n_ctx(self._ptr))
+        self.n_threads = threads
+
+    def _handle(self):
+        if self._ptr is None:
+            raise PydhsaError("the session has been closed")
+        return self._ptr
+
+    @property
+    def n_past(self) -> int:
+        return self.timings().n_past
+
+    def prefill(self, tokens: Sequence[int]) -> None:
+        ffi = _native.ffi
+        arr = ffi.new("int32_t[]", list(tokens))
+        err = ffi.new("pydhsa_error *")
+        _check(self._lib, self._lib.pydhsa_prefill(self._handle(), arr, len(tokens), err), err)
+
+    def reset(self) -> None:
+        err = _native.ffi.new("pydhsa_error *")
+        _check(self._lib, self._lib.pydhsa_session_reset(self._handle(), err), err)
+
+    def logits(self) -> np.ndarray:
+        """Logits of the last evaluated position (float32, n_vocab)."""
+        n_vocab = self.model.info.n_vocab
+        out = np.empty(n_vocab, dtype=np.float32)
+        err = _native.ffi.new("pydhsa_error *")
+        buf = _native.ffi.cast("float *", out.ctypes.data)
+        _check(self._lib, self._lib.pydhsa_last_logits(self._handle(), buf, n_vocab, err), err)
+        return out
+
+    def generate(self, prompt: Optional[str | Sequence[int]] = None, max_tokens: int = 128, temperature: float = 0.8,
+                 seed: Optional[int] = None) -> Iterator[str]:
+        """Yield the text of each generated token as it is produced.
+
+        `prompt` (text or token ids) is prefilled first; text gets the model's BOS when the context is
+        empty. max_tokens < 0 means until an end-of-generation token or a full context. temperature <= 0
+        is greedy decoding; `seed` makes sampling repeatable (default: random).
+        """
+        if prompt is not None:
+            tokens = self.model.tokenize(prompt, add_special=self.n_past == 0) if isinstance(prompt, str) else prompt
+            self.prefill(tokens)
+        if max_tokens < 0:
+            max_tokens = self.n_ctx
+        if seed is None:
+            seed = random.getrandbits(32)
+        if not 0 <= seed < 2**32:
+            raise PydhsaError(f"seed must be between 0 and 2^32-1, got {seed}")
+        return self._stream(int(max_tokens), float(temperature), int(seed))
+
+    def _stream(self, max_tokens: int, temperature: float, seed: int) -> Iterator[str]:
+        # The C loop runs in a worker thread (without the GIL) and hands token pieces over a queue, so
+        # the caller can consume them lazily; closing the generator asks the C loop to stop.
+        ffi = _native.ffi
+        pieces: "queue.Queue[tuple[str, object]]" = queue.Queue()
+        stop = threading.Event()
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+        @ffi.callback("int32_t(void *, int32_t, const char *, int32_t)")
+        def on_token(_user, _token, piece, n):
+            try:
+                text = decoder.decode(ffi.unpack(piece, n)) if n > 0 else ""
+                if text:
+                    pieces.put(("piece", text))
+            except Exception as e:  # never raise across the C boundary
+                pieces.put(("error", e))
+                return 1
+            return 1 if stop.is_set() else 0
+
+        def worker():
+            err = ffi.new("pydhsa_error *")
+            n_generated = ffi.new("int32_t *")
+            try:
+                status = self._lib.pydhsa_generate(self._handle(), max_tokens, temperature, seed, on_token,
+                                                   ffi.NULL, n_generated, err)
+                tail = decoder.decode(b"", final=True)
+                if tail:
+                    pieces.put(("piece", tail))
+                if status != 0:
+                    pieces.put(("error", error_for(int(err.code) or status, ffi.string(err.message).decode())))
+            except Exception as e:
+                pieces.put(("error", e))
+            finally:
+                pieces.put(("done", None))
+
+        thread = threading.Thread(target=worker, name="pydhsa-generate", daemon=True)
+        thread.start()
+        try:
+            while True:
+                kind, value = pieces.get()
+                if kind == "piece":
+                    yield value
+                elif kind == "error":
+                    raise value
+                else:
+                    break
+        finally:
+            stop.set()
+            thread.join()
+
+    def timings(self) -> Timings:
+        out = _native.ffi.new("pydhsa_timings *")
+        self._lib.pydhsa_session_timings(self._handle(), out)
+        return Timings(t_load_ms=out.t_load_ms, t_prefill_ms=out.t_prefill_ms, n_prefill=out.n_prefill,
+                       t_generate_ms=out.t_generate_ms, n_generate=out.n_generate, n_past=out.n_past,
+                       peak_rss_bytes=int(out.peak_rss_bytes))
+
+    def close(self) -> None:
+        if self._ptr is not None:
+            self._lib.pydhsa_session_free(self._ptr)
+            self._ptr = None
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_ptr", None) is not None:
+            self.close()

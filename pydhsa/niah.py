@@ -1,0 +1,558 @@
+"""Needle-in-a-Haystack (NIAH) prompt construction, scoring and result storage.
+
+The haystack is the set of Paul Graham essays in ``<haystack_dir>/*.txt``,
+concatenated in sorted file order (and cycled if a prompt needs more text than
+there is).  A single "needle" sentence holding a secret value is inserted at a
+requested depth on a sentence boundary, and the prompt ends in a
+completion-style tail so that the model only has to continue the answer::
+
+    Read the text below and remember the secret facts it contains.
+
+    <haystack ... needle sentence ... haystack>
+
+    Question: What is the secret passphrase for the blue lighthouse?
+    Answer: The secret passphrase for the blue lighthouse is
+
+Tokenisation is injected (``count_tokens``) so the module has no dependency on
+the inference engine; tests use a fake word-level tokenizer.
+
+Haystack location: ``haystack_dir`` argument, else env var
+``PYDHSA_HAYSTACK_DIR``, else ``<repo root>/../shared/data/niah/haystack``
+where the repo root is the parent of the ``pydhsa`` package directory.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+__all__ = [
+    "Needle",
+    "NEEDLES",
+    "NiahPrompt",
+    "HEADER",
+    "default_haystack_dir",
+    "load_haystack",
+    "build_prompt",
+    "score",
+    "answer_span",
+    "case_key",
+    "ResultStore",
+]
+
+# --------------------------------------------------------------------------
+# Needles
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Needle:
+    """A secret fact to hide in the haystack.
+
+    sentence:      the sentence inserted into the haystack.
+    question:      the question asked in the prompt tail.
+    answer_prefix: completion-style start of the answer; the model continues it.
+    expected:      the value the continuation must contain (see ``score``).
+    """
+
+    sentence: str
+    question: str
+    answer_prefix: str
+    expected: str
+
+    @property
+    def name(self) -> str:
+        """Short stable identifier (for case keys / reports)."""
+        return re.sub(r"[^a-z0-9]+", "-", self.expected.lower()).strip("-")
+
+
+NEEDLES: List[Needle] = [
+    Needle(
+        "The secret passphrase for the blue lighthouse is 'amber-falcon-42'.",
+        "What is the secret passphrase for the blue lighthouse?",
+        "The secret passphrase for the blue lighthouse is",
+        "amber-falcon-42",
+    ),
+    Needle(
+        "The special magic number for the city of Lisbon is 7381924.",
+        "What is the special magic number for the city of Lisbon?",
+        "The special magic number for the city of Lisbon is",
+        "7381924",
+    ),
+    Needle(
+        "The access code for the underground vault is XK-4471.",
+        "What is the access code for the underground vault?",
+        "The access code for the underground vault is",
+        "XK-4471",
+    ),
+    Needle(
+        "The name of Captain Morrow's pet parrot is Biscuit.",
+        "What is the name of Captain Morrow's pet parrot?",
+        "The name of Captain Morrow's pet parrot is",
+        "Biscuit",
+    ),
+    Needle(
+        "The hidden ingredient in grandmother Rosa's soup recipe is smoked paprika.",
+        "What is the hidden ingredient in grandmother Rosa's soup recipe?",
+        "The hidden ingredient in grandmother Rosa's soup recipe is",
+        "smoked paprika",
+    ),
+    Needle(
+        "The serial number engraved on the silver telescope is 58-203-9917.",
+        "What is the serial number engraved on the silver telescope?",
+        "The serial number engraved on the silver telescope is",
+        "58-203-9917",
+    ),
+    Needle(
+        "The wifi password at the Quiet Owl cafe is tangerine88.",
+        "What is the wifi password at the Quiet Owl cafe?",
+        "The wifi password at the Quiet Owl cafe is",
+        "tangerine88",
+    ),
+    Needle(
+        "The founding year of the fictional town of Elmsworth is 1847.",
+        "What is the founding year of the fictional town of Elmsworth?",
+        "The founding year of the fictional town of Elmsworth is",
+        "1847",
+    ),
+    Needle(
+        "The best thing to do in San Francisco is eat a sandwich in Dolores Park on a sunny day.",
+        "What is the best thing to do in San Francisco?",
+        "The best thing to do in San Francisco is",
+        "eat a sandwich in Dolores Park",
+    ),
+    Needle(
+        "The color of the front door at the old mill house is emerald green.",
+        "What is the color of the front door at the old mill house?",
+        "The color of the front door at the old mill house is",
+        "emerald green",
+    ),
+]
+
+HEADER = "Read the text below and remember the secret facts it contains.\n\n"
+
+
+def _tail(needle: Needle) -> str:
+    # No trailing space: BPE tokenizers attach the space to the next word.
+    return f"\n\nQuestion: {needle.question}\nAnswer: {needle.answer_prefix}"
+
+
+# --------------------------------------------------------------------------
+# Haystack
+# --------------------------------------------------------------------------
+
+
+def default_haystack_dir() -> Path:
+    env = os.environ.get("PYDHSA_HAYSTACK_DIR")
+    if env:
+        return Path(env)
+    repo_root = Path(__file__).resolve().parent.parent
+    return repo_root.parent / "shared" / "data" / "niah" / "haystack"
+
+
+@functools.lru_cache(maxsize=4)
+def _load_haystack_cached(dir_str: str) -> str:
+    files = sorted(Path(dir_str).glob("*.txt"))
+    if not files:
+        raise FileNotFoundError(f"no *.txt haystack files in {dir_str}")
+    parts = [f.read_text(encoding="utf-8", errors="replace").strip() for f in files]
+    return "\n\n".join(p for p in parts if p)
+
+
+def load_haystack(haystack_dir: Union[str, Path, None] = None) -> str:
+    """All essays concatenated in sorted file order (cached per directory)."""
+    d = Path(haystack_dir) if haystack_dir is not None else default_haystack_dir()
+    return _load_haystack_cached(str(d.resolve()))
+
+
+class _Haystack:
+    """Cyclic view of the haystack text, cut on whitespace."""
+
+    def __init__(self, base: str):
+        self.base = base
+        self._text = base
+
+    def prefix(self, n: int, snap: bool = True) -> str:
+        """First ~n characters, cut back to a word boundary (if ``snap``), right-stripped."""
+        n = max(0, int(n))
+        while len(self._text) < n + 1:
+            self._text = self._text + "\n\n" + self.base
+        s = self._text[:n]
+        if snap and n and not self._text[n].isspace():
+            k = max(s.rfind(" "), s.rfind("\n"))
+            if k > 0 and k >= n - 64:
+                s = s[:k]
+        return s.rstrip()
+
+
+_BOUNDARY_RE = re.compile(r"[.!?](?=\s)")
+
+
+def _sentence_boundaries(text: str) -> List[int]:
+    """Insertion offsets: the start, just after every '.', '!' or '?' that is
+    followed by whitespace, and the end if the text ends with one of them."""
+    pos = [m.end() for m in _BOUNDARY_RE.finditer(text)]
+    if text and text[-1] in ".!?":
+        pos.append(len(text))
+    return [0] + pos
+
+
+def _insert_needle(hay: str, depth: float, sentence: str):
+    """Insert the needle at the sentence boundary nearest depth*len(hay).
+
+    Returns (before, after) haystack parts (whitespace-trimmed at the join);
+    the haystack-with-needle is ``before + " " + sentence + " " + after``
+    (spaces omitted where a side is empty).
+    """
+    target = depth * len(hay)
+    bounds = _sentence_boundaries(hay)
+    if depth > 0.0 and len(bounds) > 1:
+        # Only depth 0 uses the artificial start-of-text offset.
+        cands = bounds[1:]
+    else:
+        cands = bounds
+    best = min(cands, key=lambda b: (abs(b - target), b))
+    return hay[:best].rstrip(), hay[best:].lstrip()
+
+
+def _join(before: str, sentence: str, after: str) -> str:
+    s = before + (" " if before else "") + sentence
+    return s + (" " + after if after else "")
+
+
+# --------------------------------------------------------------------------
+# Prompt construction
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class NiahPrompt:
+    text: str
+    n_tokens: int
+    depth: float  # requested depth, 0..1
+    actual_depth: float  # needle position / haystack tokens (approx)
+    needle: Needle
+    expected: str
+    target_tokens: int = 0
+    needle_char_offset: int = -1  # offset of the needle sentence in ``text``
+    haystack_chars: int = 0  # length of the haystack cut (without the needle)
+    count_calls: int = 0  # number of count_tokens calls used
+
+
+def build_prompt(
+    count_tokens: Callable[[str], int],
+    target_tokens: int,
+    depth: float,
+    needle: Needle,
+    haystack_dir: Union[str, Path, None] = None,
+    *,
+    tolerance: float = 0.01,
+    max_count_calls: int = 20,
+    header: str = HEADER,
+) -> NiahPrompt:
+    """Build a NIAH prompt of ~``target_tokens`` tokens (by ``count_tokens``).
+
+    The haystack length (in characters) is searched so that the *full* prompt
+    has ``target_tokens*(1-tolerance) <= n_tokens <= target_tokens`` (preferred:
+    never exceed the target, so it fits a context sized for it); if the call
+    budget runs out, the closest prompt within +-tolerance is accepted,
+    otherwise ValueError.  ``count_tokens`` is called at most
+    ``max_count_calls`` times for the search plus 2 for ``actual_depth``.
+    The needle goes on the sentence boundary nearest ``depth`` (fraction of the
+    haystack characters, ~ tokens); depth 0 puts it at the very start, depth 1
+    after the last complete sentence.
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    if target_tokens <= 0:
+        raise ValueError("target_tokens must be positive")
+    hs = _Haystack(load_haystack(haystack_dir))
+    tail = _tail(needle)
+
+    calls = 0
+    cache: Dict[int, tuple] = {}  # snapped length -> (n_tokens, text, parts)
+
+    def compose(n: int, snap: bool = True):
+        hay = hs.prefix(n, snap)
+        before, after = _insert_needle(hay, depth, needle.sentence)
+        return len(hay), header + _join(before, needle.sentence, after) + tail, (before, after)
+
+    def evaluate(n: int, snap: bool = True):
+        nonlocal calls
+        n_eff, text, parts = compose(n, snap)
+        if n_eff in cache:
+            return n_eff, cache[n_eff][0]
+        calls += 1
+        t = count_tokens(text)
+        cache[n_eff] = (t, text, parts)
+        return n_eff, t
+
+    lo_ok = target_tokens * (1.0 - tolerance)
+    aim = target_tokens * (1.0 - tolerance / 4.0)
+
+    # Overhead (header + needle + tail) and a chars/token estimate.
+    n0, overhead = evaluate(0)
+    if overhead > target_tokens:
+        raise ValueError(
+            f"target_tokens={target_tokens} is smaller than the fixed prompt overhead ({overhead})"
+        )
+    sample_n = int(min(max(4.0 * (target_tokens - overhead), 2000), 40000))
+    n1, t1 = evaluate(sample_n)
+    cpt = max(n1, 1) / max(t1 - overhead, 1)
+
+    lo = (n0, overhead)  # points with t < aim
+    hi: Optional[tuple] = None  # points with t > target
+    if t1 <= aim:
+        lo = (n1, t1)
+    else:
+        hi = (n1, t1)
+
+    def accepted(t: int) -> bool:
+        return lo_ok <= t <= target_tokens
+
+    found = next((n for n, v in cache.items() if accepted(v[0])), None)
+    guess = n0 + (aim - overhead) * cpt
+    iters = 0
+    while found is None and calls < max_count_calls and iters < 4 * max_count_calls:
+        iters += 1
+        if hi is None:  # extrapolate upwards
+            n = max(int(round(guess)), lo[0] + 16)
+        else:  # interpolate inside the bracket, bisect as fallback
+            (na, ta), (nb, tb) = lo, hi
+            if nb - na <= 1:
+                break
+            n = int(round(na + (aim - ta) * (nb - na) / max(tb - ta, 1)))
+            if n <= na or n >= nb:
+                n = (na + nb) // 2
+        n_eff, t = evaluate(n)
+        stalled = n_eff <= lo[0] or (hi is not None and n_eff >= hi[0])
+        if stalled and calls < max_count_calls:
+            n_eff, t = evaluate(n, snap=False)  # word snapping stalled: cut mid-word
+        if accepted(t):
+            found = n_eff
+            break
+        if t < lo_ok:
+            if n_eff <= lo[0]:
+                if hi is not None:
+                    break  # word-boundary snapping cannot make progress
+                guess = lo[0] + 2 * (n - lo[0]) + 64
+                continue
+            lo = (n_eff, t)
+        else:
+            if hi is not None and n_eff >= hi[0]:
+                break
+            hi = (n_eff, t)
+        if n_eff > 0 and t > overhead:
+            cpt = n_eff / (t - overhead)
+            guess = n_eff + (aim - t) * cpt
+
+    if found is None:
+        within = [
+            (abs(v[0] - target_tokens), n)
+            for n, v in cache.items()
+            if abs(v[0] - target_tokens) <= tolerance * target_tokens
+        ]
+        if not within:
+            best = min(cache.items(), key=lambda kv: abs(kv[1][0] - target_tokens))
+            raise ValueError(
+                f"could not reach {target_tokens} tokens within {tolerance:.1%} "
+                f"after {calls} count_tokens calls (closest: {best[1][0]})"
+            )
+        found = min(within)[1]
+
+    n_tok, text, (before, after) = cache[found]
+    tb = count_tokens(before) if before else 0
+    ta = count_tokens(after) if after else 0
+    calls += (1 if before else 0) + (1 if after else 0)
+    actual = tb / (tb + ta) if (tb + ta) > 0 else depth
+    offset = len(header) + len(before) + (1 if before else 0)
+    assert text[offset:offset + len(needle.sentence)] == needle.sentence
+    return NiahPrompt(
+        text=text,
+        n_tokens=n_tok,
+        depth=depth,
+        actual_depth=actual,
+        needle=needle,
+        expected=needle.expected,
+        target_tokens=target_tokens,
+        needle_char_offset=offset,
+        haystack_chars=found,
+        count_calls=calls,
+    )
+
+
+# --------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------
+
+# A "word": alphanumeric runs joined by internal connectors (- _ . ' / :),
+# so "amber-falcon-42", "XK-4471", "Morrow's", "3.14" are single tokens while
+# surrounding quotes and trailing punctuation fall away.
+_WORD_RE = re.compile(r"[0-9a-z]+(?:[-_.'/:][0-9a-z]+)*")
+_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"',
+                         "\u2010": "-", "\u2011": "-", "\u2012": "-", "\u2013": "-",
+                         "\u2014": "-", "\u00a0": " "})
+
+
+def _words(s: str) -> List[str]:
+    return _WORD_RE.findall(s.translate(_QUOTES).lower())
+
+
+def answer_span(generated_text: str) -> str:
+    """First answer span: the continuation from its first non-blank character
+    up to the next line break (the model's answer line)."""
+    s = generated_text.strip()
+    if not s:
+        return ""
+    return s.split("\n", 1)[0]
+
+
+def score(generated_text: str, expected: str) -> bool:
+    """Exact-match NIAH scoring.
+
+    Rule: take the first answer span of the continuation (first non-empty
+    line), lower-case it and split both it and ``expected`` into words, where a
+    word is a run of ASCII letters/digits possibly joined by internal
+    ``- _ . ' / :`` (curly quotes/dashes are normalised first).  Whitespace,
+    case, surrounding quotes, brackets, markdown and trailing punctuation are
+    thereby ignored.  The result is True iff the expected words occur as a
+    contiguous whole-word subsequence of the span's words: "42" does not match
+    "142" or "42.5", "amber-falcon-42" does not match "amber-falcon-421", a
+    multi-word value must appear in order and complete.  Empty output (or an
+    empty expected value) scores False.
+    """
+    exp = _words(expected)
+    if not exp:
+        return False
+    got = _words(answer_span(generated_text))
+    k = len(exp)
+    return any(got[i:i + k] == exp for i in range(len(got) - k + 1))
+
+
+# --------------------------------------------------------------------------
+# Resumable result storage
+# --------------------------------------------------------------------------
+
+
+def case_key(params: Dict[str, Any]) -> str:
+    """Stable key of a case from its parameters (order-independent).
+
+    Floats are rounded to 6 decimals so 0.1 and 0.10000000001 coincide.
+    """
+
+    def norm(v):
+        if isinstance(v, float):
+            return round(v, 6)
+        if isinstance(v, dict):
+            return {str(k): norm(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [norm(x) for x in v]
+        return v
+
+    blob = json.dumps(norm(params), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:16]
+
+
+class ResultStore:
+    """Append-only JSONL store of finished cases, for resumable benchmarks.
+
+    Each record is a JSON object on its own line with a ``"key"`` field.  The
+    key is ``case["key"]`` if present, else ``case_key`` of the ``key_fields``
+    of the case (all fields if ``key_fields`` is None).  Every ``add`` is
+    flushed and fsync'ed.  On load, unparsable lines are skipped and a torn
+    (partial) last line left by an interruption is truncated away so later
+    appends stay well-formed.  If a key is added twice, the last record wins.
+    """
+
+    def __init__(self, path: Union[str, Path], key_fields: Optional[Sequence[str]] = None):
+        self.path = Path(path)
+        self.key_fields = list(key_fields) if key_fields is not None else None
+        self._records: Dict[str, Dict[str, Any]] = {}
+        self.skipped_lines = 0
+        self.load()
+
+    def key_of(self, case: Union[str, Dict[str, Any]]) -> str:
+        if isinstance(case, str):
+            return case
+        if "key" in case:
+            return str(case["key"])
+        if self.key_fields is not None:
+            return case_key({k: case.get(k) for k in self.key_fields})
+        return case_key(case)
+
+    def load(self) -> List[Dict[str, Any]]:
+        """(Re)read the file; returns the records (last one per key wins)."""
+        self._records = {}
+        self.skipped_lines = 0
+        if not self.path.exists():
+            return []
+        data = self.path.read_bytes()
+        body, sep, last = data.rpartition(b"\n")
+        if not sep:  # no newline at all: the whole file is the last line
+            body, last = b"", data
+        for raw in body.split(b"\n") if body else []:
+            rec = self._parse(raw)
+            if rec is not None:
+                self._records[str(rec["key"])] = rec
+            elif raw.strip():
+                self.skipped_lines += 1
+        if last:
+            # Line without a terminating newline: an interrupted write.
+            rec = self._parse(last)
+            with open(self.path, "r+b") as f:
+                if rec is not None:  # complete record, only the newline is missing
+                    self._records[str(rec["key"])] = rec
+                    f.seek(0, os.SEEK_END)
+                    f.write(b"\n")
+                else:  # torn record: cut it off
+                    if last.strip():
+                        self.skipped_lines += 1
+                    f.truncate(len(data) - len(last))
+                f.flush()
+                os.fsync(f.fileno())
+        return list(self._records.values())
+
+    @staticmethod
+    def _parse(raw: bytes) -> Optional[Dict[str, Any]]:
+        if not raw.strip():
+            return None
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if not isinstance(rec, dict) or "key" not in rec:
+            return None
+        return rec
+
+    def done(self, key: Union[str, Dict[str, Any]]) -> bool:
+        return self.key_of(key) in self._records
+
+    def get(self, key: Union[str, Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+        return self._records.get(self.key_of(key))
+
+    def add(self, case: Dict[str, Any]) -> str:
+        rec = dict(case)
+        rec["key"] = self.key_of(case)
+        line = json.dumps(rec, sort_keys=True, ensure_ascii=True, default=str) + "\n"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "ab") as f:
+            f.write(line.encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+        self._records[rec["key"]] = rec
+        return rec["key"]
+
+    def records(self) -> List[Dict[str, Any]]:
+        return list(self._records.values())
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, key) -> bool:
+        return self.done(key)
