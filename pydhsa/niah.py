@@ -152,8 +152,15 @@ def default_haystack_dir() -> Path:
     env = os.environ.get("PYDHSA_HAYSTACK_DIR")
     if env:
         return Path(env)
-    repo_root = Path(__file__).resolve().parent.parent
-    return repo_root.parent / "shared" / "data" / "niah" / "haystack"
+    # A source checkout keeps the data beside the repository; an installed package looks from the
+    # working directory (the repository root or its parent).
+    relative = Path("shared") / "data" / "niah" / "haystack"
+    candidates = [Path(__file__).resolve().parent.parent.parent / relative, Path.cwd().parent / relative,
+                  Path.cwd() / relative]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    return candidates[0]
 
 
 @functools.lru_cache(maxsize=4)

@@ -37,7 +37,7 @@ constexpr int32_t kMaxBatch   = 1 << 20;
 
 std::mutex g_log_mutex;
 bool g_verbose = false;
-std::string g_last_log_error;  // the engine's most recent error line (guarded by g_log_mutex)
+std::string g_last_log_error;  // the first engine error line since the last clear: the root cause
 std::string g_log_line;        // the message being assembled: ggml sends lines in fragments (CONT)
 enum ggml_log_level g_log_level = GGML_LOG_LEVEL_NONE;
 
@@ -51,7 +51,9 @@ void log_callback(enum ggml_log_level level, const char * text, void * /*user_da
         g_log_line.clear();
     }
     g_log_line += text;
-    if (g_log_level == GGML_LOG_LEVEL_ERROR && !g_log_line.empty() && g_log_line.back() == '\n') {
+    if (g_log_level == GGML_LOG_LEVEL_ERROR && g_last_log_error.empty() && !g_log_line.empty() &&
+        g_log_line.back() == '\n') {
+        // Later lines only repeat that loading failed; the first one says why.
         g_last_log_error = g_log_line;
         while (!g_last_log_error.empty() && isspace((unsigned char) g_last_log_error.back())) {
             g_last_log_error.pop_back();
@@ -71,7 +73,10 @@ std::string take_last_log_error() {
     std::lock_guard<std::mutex> lock(g_log_mutex);
     std::string s;
     s.swap(g_last_log_error);
-    return s;
+    // "llama_model_load: error loading model: <reason>" -> "<reason>"
+    const std::string marker = "error loading model: ";
+    const size_t at = s.rfind(marker);
+    return at == std::string::npos ? s : s.substr(at + marker.size());
 }
 
 void clear_last_log_error() {

@@ -1,0 +1,7 @@
+"""``python -m convert gguf IN.gguf OUT.gguf [--dhsa-* ...] [--remove-dhsa]``"""
+import sys
+
+from .gguf_dhsa import main
+
+if __name__ == "__main__":
+    sys.exit(main())

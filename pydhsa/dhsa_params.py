@@ -1,0 +1,685 @@
+"""The single definition of the DHSA parameters (see docs/DHSA.md, "Parameters").
+
+Every parameter has a name, a type, a built-in default, a validation rule, a help text,
+a GGUF key ``<arch>.dhsa.<name>`` and a CLI flag ``--dhsa-<name with - for _>``
+(``sink_tokens`` and ``local_tokens`` use the short flags ``--dhsa-sink`` / ``--dhsa-local``;
+the long spellings are accepted as aliases).
+
+Precedence: CLI overrides the GGUF file, the file overrides the built-in defaults.
+
+Public API:
+    PARAMS, PARAM_NAMES, PARAMS_BY_NAME      the table
+    DhsaConfig                               validated dataclass of all parameters
+    DhsaParamError(ValueError)               one-line messages naming the flag / GGUF key
+    GgufFormatError(ValueError)              not a GGUF file / truncated / corrupt
+    add_dhsa_arguments(parser)               adds every --dhsa-* flag (default None)
+    cli_values(args)                         {name: value} of the flags actually given
+    config_from_args(args, file_values=None) CLI > file > default, validated
+    config_from_values(values)               validated config from a plain {name: value}
+    validate_values(values)                  check single-field rules of a partial dict
+    gguf_key(arch, name), gguf_keys(arch), gguf_prefix(arch), gguf_value_type(name)
+    read_gguf_dhsa(path_or_reader, arch=None) {name: value} of the DHSA keys present
+    scan_gguf_kv(buf)                         fast KV-section scanner (used by the converter)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+__all__ = [
+    "DhsaParam", "PARAMS", "PARAM_NAMES", "PARAMS_BY_NAME", "DhsaConfig",
+    "DhsaParamError", "GgufFormatError", "DhsaFileValues",
+    "BOUNDARY_CHOICES", "BOUNDARY_IMPLEMENTED", "LAYERS_CHOICES", "MAX_TOKENS", "MAX_Q_BLOCK",
+    "add_dhsa_arguments", "cli_values", "config_from_args", "config_from_values",
+    "validate_values", "coerce_gguf_value",
+    "gguf_key", "gguf_keys", "gguf_prefix", "gguf_value_type", "gguf_value_type_id",
+    "read_gguf_dhsa", "scan_gguf_kv", "GgufKv", "GgufKvSection",
+]
+
+MAX_TOKENS = 1 << 20          # absurd token counts above this are rejected
+MAX_Q_BLOCK = 4096
+BOUNDARY_CHOICES = ("keysim", "fixed", "learned")
+BOUNDARY_IMPLEMENTED = ("keysim", "fixed")
+LAYERS_CHOICES = ("global", "all")
+
+
+class DhsaParamError(ValueError):
+    """Invalid DHSA parameter value. The message is one line naming the flag or GGUF key."""
+
+
+class GgufFormatError(ValueError):
+    """The file is not a GGUF file, or it is truncated / corrupt."""
+
+
+# GGUF value type ids (same numbering as gguf.GGUFValueType; kept here so that reading
+# the keys does not require the gguf package).
+_T_UINT8, _T_INT8, _T_UINT16, _T_INT16, _T_UINT32, _T_INT32, _T_FLOAT32, _T_BOOL = range(8)
+_T_STRING, _T_ARRAY, _T_UINT64, _T_INT64, _T_FLOAT64 = 8, 9, 10, 11, 12
+_TYPE_NAMES = {
+    0: "UINT8", 1: "INT8", 2: "UINT16", 3: "INT16", 4: "UINT32", 5: "INT32", 6: "FLOAT32",
+    7: "BOOL", 8: "STRING", 9: "ARRAY", 10: "UINT64", 11: "INT64", 12: "FLOAT64",
+}
+_SCALAR_FMT = {
+    _T_UINT8: "B", _T_INT8: "b", _T_UINT16: "H", _T_INT16: "h", _T_UINT32: "I", _T_INT32: "i",
+    _T_FLOAT32: "f", _T_BOOL: "?", _T_UINT64: "Q", _T_INT64: "q", _T_FLOAT64: "d",
+}
+_INT_TYPES = {_T_UINT8, _T_INT8, _T_UINT16, _T_INT16, _T_UINT32, _T_INT32, _T_UINT64, _T_INT64}
+_FLOAT_TYPES = {_T_FLOAT32, _T_FLOAT64}
+
+
+# --------------------------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DhsaParam:
+    name: str
+    kind: str                      # "float" | "int" | "str"
+    default: Any
+    help: str
+    flag: str                      # primary CLI flag
+    aliases: tuple[str, ...] = ()  # extra CLI spellings
+    choices: tuple[str, ...] | None = None
+    lo: float | None = None        # inclusive lower bound (ints); exclusive for budget
+    hi: float | None = None        # inclusive upper bound
+    metavar: str | None = None
+
+    @property
+    def dest(self) -> str:
+        """argparse attribute name: ``dhsa_<name>``."""
+        return "dhsa_" + self.name
+
+    @property
+    def gguf_type(self) -> int:
+        """GGUF value type id: FLOAT32 for floats, UINT32 for ints, STRING for strings."""
+        return {"float": _T_FLOAT32, "int": _T_UINT32, "str": _T_STRING}[self.kind]
+
+    def key(self, arch: str) -> str:
+        return gguf_key(arch, self.name)
+
+
+def _flag(name: str) -> str:
+    return "--dhsa-" + name.replace("_", "-")
+
+
+def _int_param(name: str, default: int, help: str, lo: int = 0, hi: int = MAX_TOKENS,
+               flag: str | None = None, aliases: tuple[str, ...] = ()) -> DhsaParam:
+    return DhsaParam(name, "int", default, help, flag or _flag(name), aliases, None, lo, hi, "N")
+
+
+PARAMS: tuple[DhsaParam, ...] = (
+    DhsaParam("budget", "float", 0.3,
+              "fraction of the causal keys each query block attends to, 0 < B <= 1 "
+              "(1 = dense)", _flag("budget"), (), None, 0.0, 1.0, "B"),
+    DhsaParam("boundary", "str", "keysim",
+              "key chunk boundary method: keysim (training-free key similarity), fixed "
+              "(every chunk_avg tokens), learned (not implemented yet)",
+              _flag("boundary"), (), BOUNDARY_CHOICES, None, None, "{" + ",".join(BOUNDARY_CHOICES) + "}"),
+    _int_param("chunk_min", 16, "minimum key chunk length in tokens (>= 1)", lo=1),
+    _int_param("chunk_max", 128, "maximum key chunk length in tokens (>= 2*chunk_min)", lo=1),
+    _int_param("chunk_avg", 32, "target mean key chunk length in tokens "
+                                "(chunk_min <= chunk_avg <= chunk_max)", lo=1),
+    _int_param("q_block", 64, f"query block size in tokens (1..{MAX_Q_BLOCK})", lo=1, hi=MAX_Q_BLOCK),
+    _int_param("sink_tokens", 128, "first keys always kept (attention sink)",
+               flag="--dhsa-sink", aliases=("--dhsa-sink-tokens",)),
+    _int_param("local_tokens", 128, "keys just before each query block always kept",
+               flag="--dhsa-local", aliases=("--dhsa-local-tokens",)),
+    _int_param("dense_tail", 64, "last prompt tokens that attend densely to all keys"),
+    _int_param("min_context", 2048, "contexts with fewer keys than this run dense"),
+    DhsaParam("layers", "str", "global",
+              "layers DHSA applies to: global (global-attention layers only) or all "
+              "(sliding-window layers too)", _flag("layers"), (), LAYERS_CHOICES, None, None,
+              "{" + ",".join(LAYERS_CHOICES) + "}"),
+)
+PARAM_NAMES: tuple[str, ...] = tuple(p.name for p in PARAMS)
+PARAMS_BY_NAME: dict[str, DhsaParam] = {p.name: p for p in PARAMS}
+
+
+def gguf_prefix(arch: str) -> str:
+    """``<arch>.dhsa.``"""
+    if not arch:
+        raise DhsaParamError("GGUF architecture name is empty")
+    return f"{arch}.dhsa."
+
+
+def gguf_key(arch: str, name: str) -> str:
+    """GGUF metadata key of parameter ``name``: ``<arch>.dhsa.<name>``."""
+    if name not in PARAMS_BY_NAME:
+        raise DhsaParamError(f"unknown DHSA parameter {name!r}")
+    return gguf_prefix(arch) + name
+
+
+def gguf_keys(arch: str) -> dict[str, str]:
+    """{name: GGUF key} for every parameter, in table order."""
+    return {p.name: gguf_key(arch, p.name) for p in PARAMS}
+
+
+def gguf_value_type_id(name: str) -> int:
+    """Integer GGUF value type of parameter ``name`` (6 FLOAT32, 4 UINT32, 8 STRING)."""
+    return PARAMS_BY_NAME[name].gguf_type
+
+
+def gguf_value_type(name: str):
+    """``gguf.GGUFValueType`` member of parameter ``name`` (needs the gguf package)."""
+    from gguf import GGUFValueType  # local import: the package is optional for the rest
+    return GGUFValueType(gguf_value_type_id(name))
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+def _label(name: str, sources: Mapping[str, str] | None, labels: Mapping[str, str] | None) -> str:
+    """How to name a parameter in an error: flag, GGUF key or plain name."""
+    if labels and name in labels:
+        return labels[name]
+    src = (sources or {}).get(name, "cli")
+    p = PARAMS_BY_NAME[name]
+    if src == "default":
+        return f"{name} (built-in default)"
+    return p.flag
+
+
+def _fmt(v: Any) -> str:
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+def _check_field(name: str, value: Any, label: str) -> Any:
+    """Type and single-field range check; returns the normalised value."""
+    p = PARAMS_BY_NAME[name]
+    if p.kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) and not _is_np_number(value):
+            raise DhsaParamError(f"{label}: expected a number, got {_fmt(value)}")
+        v = float(value)
+        if math.isnan(v) or not (0.0 < v <= 1.0):
+            raise DhsaParamError(f"{label}: must be > 0 and <= 1, got {_fmt(value)}")
+        if struct.unpack("<f", struct.pack("<f", v))[0] <= 0.0:
+            raise DhsaParamError(f"{label}: {_fmt(value)} is too small to store (rounds to 0)")
+        return v
+    if p.kind == "int":
+        if isinstance(value, bool):
+            raise DhsaParamError(f"{label}: expected an integer, got {_fmt(value)}")
+        if isinstance(value, float) or _is_np_float(value):
+            if not math.isfinite(value) or value != int(value):
+                raise DhsaParamError(f"{label}: expected an integer, got {_fmt(value)}")
+            value = int(value)
+        try:
+            v = int(value) if not isinstance(value, str) else int(value.strip(), 10)
+        except (TypeError, ValueError):
+            raise DhsaParamError(f"{label}: expected an integer, got {_fmt(value)}") from None
+        if v < p.lo or v > p.hi:
+            what = "token count" if p.hi == MAX_TOKENS else "value"
+            raise DhsaParamError(f"{label}: must be between {p.lo} and {p.hi} ({what}), got {v}")
+        return v
+    # str
+    if not isinstance(value, str):
+        raise DhsaParamError(f"{label}: expected one of {', '.join(p.choices)}, got {_fmt(value)}")
+    v = value.strip().lower()
+    if v not in p.choices:
+        raise DhsaParamError(
+            f"{label}: invalid value {_fmt(value)}, expected one of {', '.join(p.choices)}")
+    if name == "boundary" and v not in BOUNDARY_IMPLEMENTED:
+        raise DhsaParamError(
+            f"{label}: boundary method {v!r} is not implemented yet "
+            f"(use {' or '.join(BOUNDARY_IMPLEMENTED)})")
+    return v
+
+
+def _is_np_number(v: Any) -> bool:
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(v, (np.integer, np.floating))
+
+
+def _is_np_float(v: Any) -> bool:
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(v, np.floating)
+
+
+def validate_values(values: Mapping[str, Any], sources: Mapping[str, str] | None = None,
+                    labels: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Check the single-field rules of a partial {name: value}; returns normalised values.
+
+    Unknown names raise DhsaParamError. Cross-field rules need the full set: see
+    ``config_from_values``.
+    """
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        if name not in PARAMS_BY_NAME:
+            lab = (labels or {}).get(name, name)
+            raise DhsaParamError(
+                f"unknown DHSA parameter {lab!r} (known: {', '.join(PARAM_NAMES)})")
+        out[name] = _check_field(name, value, _label(name, sources, labels))
+    return out
+
+
+def _check_cross(v: Mapping[str, Any], sources: Mapping[str, str] | None,
+                 labels: Mapping[str, str] | None) -> None:
+    def lab(n: str) -> str:
+        return f"{_label(n, sources, labels)}={v[n]}"
+
+    if v["chunk_min"] > v["chunk_avg"]:
+        raise DhsaParamError(f"chunk sizes: need chunk_min <= chunk_avg, got "
+                             f"{lab('chunk_min')} > {lab('chunk_avg')}")
+    if v["chunk_avg"] > v["chunk_max"]:
+        raise DhsaParamError(f"chunk sizes: need chunk_avg <= chunk_max, got "
+                             f"{lab('chunk_avg')} > {lab('chunk_max')}")
+    if v["chunk_max"] < 2 * v["chunk_min"]:
+        raise DhsaParamError(f"chunk sizes: need chunk_max >= 2*chunk_min, got "
+                             f"{lab('chunk_max')} < 2*{v['chunk_min']} ({lab('chunk_min')})")
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DhsaConfig:
+    """All DHSA parameters, validated on construction."""
+    budget: float = 0.3
+    boundary: str = "keysim"
+    chunk_min: int = 16
+    chunk_max: int = 128
+    chunk_avg: int = 32
+    q_block: int = 64
+    sink_tokens: int = 128
+    local_tokens: int = 128
+    dense_tail: int = 64
+    min_context: int = 2048
+    layers: str = "global"
+
+    def __post_init__(self) -> None:
+        norm = validate_values(self.as_dict())
+        for k, v in norm.items():
+            object.__setattr__(self, k, v)
+        _check_cross(norm, None, None)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {p.name: getattr(self, p.name) for p in PARAMS}
+
+    def gguf_items(self, arch: str) -> dict[str, Any]:
+        """{GGUF key: value} for every parameter."""
+        return {gguf_key(arch, k): v for k, v in self.as_dict().items()}
+
+    def replace(self, **changes: Any) -> "DhsaConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# the dataclass defaults and the table must agree
+assert {f.name: f.default for f in dataclasses.fields(DhsaConfig)} == {
+    p.name: p.default for p in PARAMS}, "DhsaConfig defaults out of sync with PARAMS"
+
+
+class DhsaFileValues(dict):
+    """{name: value} read from a GGUF file; remembers the architecture and path for messages."""
+
+    def __init__(self, values: Mapping[str, Any] = (), arch: str | None = None,
+                 path: str | None = None) -> None:
+        super().__init__(values)
+        self.arch = arch
+        self.path = path
+
+
+def _file_label(name: str, file_values: Mapping[str, Any] | None) -> str:
+    arch = getattr(file_values, "arch", None)
+    path = getattr(file_values, "path", None)
+    key = f"{arch}.dhsa.{name}" if arch else f"<arch>.dhsa.{name}"
+    where = f" in {os.path.basename(path)}" if path else ""
+    return f"GGUF key {key}{where}"
+
+
+def config_from_values(values: Mapping[str, Any] | None = None,
+                       sources: Mapping[str, str] | None = None,
+                       labels: Mapping[str, str] | None = None) -> DhsaConfig:
+    """Validated DhsaConfig from built-in defaults overridden by ``values``.
+
+    ``sources`` ({name: "cli"|"file"|"default"}) and ``labels`` ({name: text}) only affect
+    how the error message names a parameter.
+    """
+    values = dict(values or {})
+    srcs = {p.name: "default" for p in PARAMS}
+    srcs.update({k: (sources or {}).get(k, "cli") for k in values})
+    norm = validate_values(values, srcs, labels)
+    merged = {p.name: p.default for p in PARAMS}
+    merged.update(norm)
+    _check_cross(merged, srcs, labels)
+    return DhsaConfig(**merged)
+
+
+# --------------------------------------------------------------------------------------------
+# argparse
+# --------------------------------------------------------------------------------------------
+
+def _arg_type(p: DhsaParam) -> Callable[[str], Any]:
+    if p.kind == "float":
+        def parse_float(s: str) -> float:
+            try:
+                v = float(s)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+            return v
+        parse_float.__name__ = "number"
+        return parse_float
+    if p.kind == "int":
+        def parse_int(s: str) -> int:
+            try:
+                return int(s.strip(), 10)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+        parse_int.__name__ = "integer"
+        return parse_int
+
+    def parse_str(s: str) -> str:
+        v = s.strip().lower()
+        if v not in p.choices:
+            raise argparse.ArgumentTypeError(
+                f"invalid value {s!r}, expected one of {', '.join(p.choices)}")
+        return v
+    parse_str.__name__ = "choice"
+    return parse_str
+
+
+def add_dhsa_arguments(parser: argparse.ArgumentParser, title: str = "DHSA parameters"):
+    """Add every ``--dhsa-*`` flag to ``parser`` (in an argument group) and return the group.
+
+    All flags default to None, meaning "not given": the value then comes from the GGUF file,
+    else the built-in default. Type errors are reported by argparse naming the flag; range and
+    cross-field rules are checked by ``config_from_args``.
+    """
+    group = parser.add_argument_group(
+        title, "override the model's GGUF <arch>.dhsa.* keys (CLI > file > built-in default)")
+    for p in PARAMS:
+        group.add_argument(
+            p.flag, *p.aliases, dest=p.dest, type=_arg_type(p), default=None,
+            metavar=p.metavar, help=f"{p.help} (default: {p.default})")
+    return group
+
+
+def cli_values(args: Any) -> dict[str, Any]:
+    """{name: value} of the --dhsa-* flags that were given (not None) on ``args``."""
+    out = {}
+    for p in PARAMS:
+        v = getattr(args, p.dest, None)
+        if v is not None:
+            out[p.name] = v
+    return out
+
+
+def config_from_args(args: Any, file_values: Mapping[str, Any] | None = None) -> DhsaConfig:
+    """Effective, validated config: CLI flags override ``file_values`` (from
+    ``read_gguf_dhsa``), which override the built-in defaults.
+
+    Raises DhsaParamError with one line naming the offending flag or GGUF key.
+    """
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    labels: dict[str, str] = {}
+    for name, v in (file_values or {}).items():
+        if name not in PARAMS_BY_NAME:
+            raise DhsaParamError(f"unknown DHSA parameter {name!r} in GGUF values "
+                                 f"(known: {', '.join(PARAM_NAMES)})")
+        values[name] = v
+        sources[name] = "file"
+        labels[name] = _file_label(name, file_values)
+    for name, v in cli_values(args).items():
+        values[name] = v
+        sources[name] = "cli"
+        labels.pop(name, None)
+    return config_from_values(values, sources, labels)
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF reading
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class GgufKv:
+    key: str
+    vtype: int               # GGUF value type id
+    start: int               # offset of the record (the key's length field)
+    end: int                 # offset just past the value
+    value: Any = None        # scalars and strings decoded; arrays: None unless decode_arrays
+    subtype: int | None = None
+    count: int | None = None  # array length
+
+
+@dataclass
+class GgufKvSection:
+    version: int
+    byteorder: str           # '<' or '>'
+    tensor_count: int
+    kv_count: int
+    kvs: list[GgufKv]
+    end: int                 # offset just past the last KV (start of tensor infos)
+
+    def get(self, key: str) -> GgufKv | None:
+        for kv in self.kvs:
+            if kv.key == key:
+                return kv
+        return None
+
+    def value(self, key: str, default: Any = None) -> Any:
+        kv = self.get(key)
+        return default if kv is None else kv.value
+
+
+_GGUF_MAGIC = b"GGUF"
+_MAX_ARRAY_NEST = 8
+
+
+class _Cursor:
+    __slots__ = ("buf", "pos", "n", "bo")
+
+    def __init__(self, buf, pos: int, bo: str) -> None:
+        self.buf, self.pos, self.n, self.bo = buf, pos, len(buf), bo
+
+    def need(self, k: int, what: str) -> None:
+        if k < 0 or self.pos + k > self.n:
+            raise GgufFormatError(
+                f"truncated GGUF: {what} at offset {self.pos} needs {k} bytes, "
+                f"file has {self.n}")
+
+    def unpack(self, fmt: str, what: str):
+        size = struct.calcsize(fmt)
+        self.need(size, what)
+        v = struct.unpack_from(self.bo + fmt, self.buf, self.pos)
+        self.pos += size
+        return v[0] if len(v) == 1 else v
+
+    def string(self, what: str, decode: bool = True):
+        n = self.unpack("Q", what + " length")
+        self.need(n, what)
+        raw = bytes(self.buf[self.pos:self.pos + n]) if decode else None
+        self.pos += n
+        if not decode:
+            return None
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise GgufFormatError(f"corrupt GGUF: {what} at offset {self.pos - n} "
+                                  f"is not valid UTF-8") from None
+
+
+def _read_value(c: _Cursor, vtype: int, decode_arrays: bool, depth: int, key: str):
+    """Returns (value, subtype, count)."""
+    if vtype == _T_STRING:
+        return c.string(f"string value of {key!r}"), None, None
+    fmt = _SCALAR_FMT.get(vtype)
+    if fmt is not None:
+        return c.unpack(fmt, f"value of {key!r}"), None, None
+    if vtype == _T_ARRAY:
+        if depth >= _MAX_ARRAY_NEST:
+            raise GgufFormatError(f"corrupt GGUF: arrays nested too deep in {key!r}")
+        sub = c.unpack("I", f"array type of {key!r}")
+        count = c.unpack("Q", f"array length of {key!r}")
+        sfmt = _SCALAR_FMT.get(sub)
+        if sfmt is not None:
+            size = struct.calcsize(sfmt) * count
+            c.need(size, f"array data of {key!r}")
+            val = None
+            if decode_arrays:
+                val = list(struct.unpack_from(f"{c.bo}{count}{sfmt}", c.buf, c.pos))
+            c.pos += size
+            return val, sub, count
+        if sub not in (_T_STRING, _T_ARRAY):
+            raise GgufFormatError(f"corrupt GGUF: unknown array element type {sub} in {key!r}")
+        if count > c.n:  # every element takes at least one byte
+            raise GgufFormatError(f"truncated GGUF: array {key!r} claims {count} elements")
+        vals = [] if decode_arrays else None
+        if sub == _T_STRING and not decode_arrays:
+            buf, bo, pos, n = c.buf, c.bo + "Q", c.pos, c.n
+            unpack_from = struct.unpack_from
+            for _ in range(count):  # fast path: skip the strings
+                if pos + 8 > n:
+                    c.pos = pos
+                    c.need(8, f"string length in array {key!r}")
+                pos += 8 + unpack_from(bo, buf, pos)[0]
+            c.pos = pos
+            c.need(0, f"string data in array {key!r}")
+            if pos > n:
+                raise GgufFormatError(f"truncated GGUF: string data of array {key!r} "
+                                      f"runs past the end of the file ({n} bytes)")
+            return None, sub, count
+        for _ in range(count):
+            v, _, _ = _read_value(c, sub, decode_arrays, depth + 1, key)
+            if vals is not None:
+                vals.append(v)
+        return vals, sub, count
+    raise GgufFormatError(f"corrupt GGUF: unknown value type {vtype} for key {key!r}")
+
+
+def scan_gguf_kv(buf, decode_arrays: bool = False) -> GgufKvSection:
+    """Parse the header and KV section of GGUF bytes (bytes, memoryview or mmap).
+
+    Fast (no per-element objects for arrays unless ``decode_arrays``). Raises GgufFormatError
+    on a file that is not GGUF, of an unsupported version, truncated or corrupt.
+    """
+    n = len(buf)
+    if n < 4 or bytes(buf[:4]) != _GGUF_MAGIC:
+        raise GgufFormatError("not a GGUF file (bad magic)")
+    if n < 24:
+        raise GgufFormatError(f"truncated GGUF: header needs 24 bytes, file has {n}")
+    bo = "<"
+    version = struct.unpack_from("<I", buf, 4)[0]
+    if version & 0xFFFF == 0:
+        bo = ">"
+        version = struct.unpack_from(">I", buf, 4)[0]
+    if version not in (2, 3):
+        raise GgufFormatError(f"unsupported GGUF version {version} (supported: 2, 3)")
+    c = _Cursor(buf, 8, bo)
+    tensor_count = c.unpack("Q", "tensor count")
+    kv_count = c.unpack("Q", "KV count")
+    if kv_count > n or tensor_count > n:
+        raise GgufFormatError(f"corrupt GGUF: implausible counts "
+                              f"(tensors {tensor_count}, KVs {kv_count})")
+    kvs: list[GgufKv] = []
+    seen: set[str] = set()
+    for i in range(kv_count):
+        start = c.pos
+        key = c.string(f"key #{i}")
+        if key in seen:
+            raise GgufFormatError(f"corrupt GGUF: duplicate key {key!r}")
+        seen.add(key)
+        vtype = c.unpack("I", f"value type of {key!r}")
+        val, sub, count = _read_value(c, vtype, decode_arrays, 0, key)
+        kvs.append(GgufKv(key, vtype, start, c.pos, val, sub, count))
+    return GgufKvSection(version, bo, tensor_count, kv_count, kvs, c.pos)
+
+
+def coerce_gguf_value(name: str, vtype: int, value: Any, label: str) -> Any:
+    """Convert a GGUF metadata value to the parameter's Python type (no range check).
+
+    Accepts any integer type for ints, any float or integer type for budget and strings for
+    string parameters; anything else raises DhsaParamError.
+    """
+    p = PARAMS_BY_NAME[name]
+    tname = _TYPE_NAMES.get(vtype, str(vtype))
+    if p.kind == "float":
+        if vtype == _T_FLOAT32:
+            # shortest decimal that round-trips through float32 (0.3, not 0.30000001192092896)
+            v = float(value)
+            for digits in range(6, 10):
+                cand = float(f"{v:.{digits}g}")
+                if struct.unpack("<f", struct.pack("<f", cand))[0] == v:
+                    return cand
+            return v
+        if vtype in _FLOAT_TYPES or vtype in _INT_TYPES:
+            return float(value)
+    elif p.kind == "int":
+        if vtype in _INT_TYPES:
+            return int(value)
+    else:
+        if vtype == _T_STRING:
+            return str(value)
+    want = {"float": "FLOAT32", "int": "UINT32", "str": "STRING"}[p.kind]
+    raise DhsaParamError(f"{label}: has GGUF type {tname}, expected {want}")
+
+
+def _reader_items(reader: Any) -> Iterable[tuple[str, int, Any]]:
+    """(key, type id, decoded scalar/string or None) from a gguf.GGUFReader."""
+    for key, field in reader.fields.items():
+        if not field.types or key.startswith("GGUF."):
+            continue
+        vtype = int(field.types[0])
+        val = field.contents() if vtype != _T_ARRAY else None
+        yield key, vtype, val
+
+
+def read_gguf_dhsa(path_or_reader: Any, arch: str | None = None) -> DhsaFileValues:
+    """{name: value} of the ``<arch>.dhsa.*`` keys present in a GGUF file.
+
+    ``path_or_reader``: a path (read with a fast scanner of the KV section only) or a
+    ``gguf.GGUFReader``. ``arch`` defaults to the file's ``general.architecture``. Values are
+    converted to the parameter types (float budget, int counts, str boundary/layers) and
+    range-checked per field (cross-field rules are checked when building the config). Unknown
+    ``<arch>.dhsa.*`` keys are ignored. The result remembers ``.arch`` and ``.path``.
+
+    Raises GgufFormatError (not GGUF / truncated), DhsaParamError (bad value or type),
+    OSError (cannot open).
+    """
+    path = None
+    if hasattr(path_or_reader, "fields"):
+        items = list(_reader_items(path_or_reader))
+    else:
+        path = os.fspath(path_or_reader)
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                raise GgufFormatError(f"{path}: not a GGUF file (empty)")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                try:
+                    sec = scan_gguf_kv(mm)
+                except GgufFormatError as e:
+                    raise GgufFormatError(f"{path}: {e}") from None
+        items = [(kv.key, kv.vtype, kv.value) for kv in sec.kvs]
+    if arch is None:
+        for key, vtype, val in items:
+            if key == "general.architecture":
+                if vtype != _T_STRING:
+                    raise GgufFormatError("general.architecture is not a string")
+                arch = val
+        if not arch:
+            raise GgufFormatError("GGUF file has no general.architecture key")
+    prefix = gguf_prefix(arch)
+    out = DhsaFileValues(arch=arch, path=path)
+    for key, vtype, val in items:
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix):]
+        if name not in PARAMS_BY_NAME:
+            continue
+        label = _file_label(name, out)
+        v = coerce_gguf_value(name, vtype, val, label)
+        out[name] = _check_field(name, v, label)
+    return out

@@ -1,0 +1,33 @@
+"""Shared fixtures: the real Gemma 3 270M GGUF (from the test extra) and helpers to run the CLI."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# The shared data sits beside the repository; the installed package cannot know where that is.
+os.environ.setdefault("PYDHSA_HAYSTACK_DIR", str(REPO_ROOT.parent / "shared" / "data" / "niah" / "haystack"))
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    """The Gemma 3 270M GGUF. The test extra installs it; a missing package is a failure, not a skip."""
+    from pydhsa.default_model import default_model_path
+    return default_model_path(quiet=True)
+
+
+@pytest.fixture(scope="session")
+def model(model_path):
+    from pydhsa import Model
+    with Model(model_path) as m:
+        yield m
+
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `pydhsa` as a user would, in a child process."""
+    return subprocess.run([sys.executable, "-m", "pydhsa", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
