@@ -3,6 +3,7 @@
     pydhsa run [MODEL.gguf] (-p PROMPT | -f FILE) [-n N] [-c CTX] [-t THREADS] [-b N] [-ub N]
                [--temp T] [--seed S] [-ngl N] [-v]
     pydhsa info MODEL.gguf
+    pydhsa convert IN.gguf OUT.gguf [--dhsa-* ...] [--remove-dhsa]
 
 Flag names follow llama.cpp. Usage and input errors print one line and exit with status 2.
 """
@@ -89,6 +90,20 @@ def _add_info_parser(sub) -> None:
     p.set_defaults(handler=cmd_info)
 
 
+def _add_convert_parser(sub) -> None:
+    from convert.gguf_dhsa import add_convert_arguments
+    p = sub.add_parser("convert", help="write a GGUF with DHSA keys added, changed or removed",
+                       description="Copy a GGUF file with <arch>.dhsa.* keys added, changed or removed; all other "
+                                   "metadata and the tensor data are copied byte for byte.")
+    add_convert_arguments(p)
+    p.set_defaults(handler=cmd_convert)
+
+
+def cmd_convert(args) -> int:
+    from convert.gguf_dhsa import run_convert
+    return run_convert(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pydhsa", description="Dynamic Hierarchical Sparse Attention for GGUF models.")
     from . import __version__
@@ -97,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     _add_run_parser(sub)
     _add_info_parser(sub)
+    _add_convert_parser(sub)
     return parser
 
 

@@ -36,21 +36,6 @@ class GgufInfo:
         return {k: v for k, v in self.metadata.items() if ".dhsa." in k}
 
 
-def _field_value(f) -> Any:
-    import gguf
-
-    if not f.types:
-        return None
-    kind = f.types[0]
-    if kind == gguf.GGUFValueType.ARRAY:
-        if len(f.types) > 1 and f.types[1] == gguf.GGUFValueType.STRING:
-            return [bytes(f.parts[i]).decode("utf-8", "replace") for i in f.data]
-        return [f.parts[i].tolist()[0] for i in f.data]
-    if kind == gguf.GGUFValueType.STRING:
-        return bytes(f.parts[f.data[0]]).decode("utf-8", "replace")
-    return f.parts[f.data[0]].tolist()[0]
-
-
 def check_model_path(path: str | os.PathLike) -> Path:
     """Raise ModelFileError unless `path` is an existing, readable file that starts like GGUF."""
     p = Path(path)
@@ -68,34 +53,32 @@ def check_model_path(path: str | os.PathLike) -> Path:
     return p
 
 
-def read_gguf_info(path: str | os.PathLike, *, include_arrays: bool = False) -> GgufInfo:
-    """Parse the header and tensor table; raise ModelFileError if the file is not a complete GGUF."""
+def read_gguf_info(path: str | os.PathLike) -> GgufInfo:
+    """Parse the header and tensor table (not the weights; large arrays such as the vocabulary are
+    skipped, not decoded); raise ModelFileError if the file is not a complete GGUF."""
     import gguf
+    from convert.gguf_dhsa import ConvertError, inspect_gguf
 
     p = check_model_path(path)
     try:
-        reader = gguf.GGUFReader(p, "r")
-    except Exception as e:  # the reader fails in many ways on a cut-short header
-        raise ModelFileError(f"truncated or corrupt GGUF file: {p} ({type(e).__name__}: {e})") from None
+        layout = inspect_gguf(p)
+    except ConvertError as e:
+        raise ModelFileError(str(e)) from None
     metadata: dict[str, Any] = {}
-    for name, f in reader.fields.items():
-        if f.types and f.types[0] == gguf.GGUFValueType.ARRAY and not include_arrays:
-            metadata[name] = f"[array of {len(f.data)}]"
-            continue
-        metadata[name] = _field_value(f)
-    file_size = p.stat().st_size
+    for kv in layout.kv.kvs:
+        metadata[kv.key] = f"[array of {kv.count}]" if kv.count is not None else kv.value
     types: dict[str, int] = {}
-    data_end = 0
-    for t in reader.tensors:
-        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
-        data_end = max(data_end, int(t.data_offset) + int(t.n_bytes))
-    if data_end > file_size:
-        raise ModelFileError(f"truncated GGUF file: {p} is {file_size} bytes, its tensors need {data_end}")
+    for t in layout.tensors:
+        try:
+            name = gguf.GGMLQuantizationType(t.ggml_type).name
+        except ValueError:
+            name = f"type{t.ggml_type}"
+        types[name] = types.get(name, 0) + 1
     arch = metadata.get("general.architecture")
     if not isinstance(arch, str):
         raise ModelFileError(f"GGUF file has no general.architecture: {p}")
-    return GgufInfo(path=p, architecture=arch, metadata=metadata, tensor_types=types, n_tensors=len(reader.tensors),
-                    data_bytes=sum(int(t.n_bytes) for t in reader.tensors))
+    return GgufInfo(path=p, architecture=arch, metadata=metadata, tensor_types=types, n_tensors=len(layout.tensors),
+                    data_bytes=sum(t.n_bytes or 0 for t in layout.tensors))
 
 
 def file_type_name(info: GgufInfo) -> str:
