@@ -23,7 +23,18 @@ _lock = threading.Lock()
 
 def lib_dir() -> Path:
     env = os.environ.get(LIB_DIR_ENV)
-    return Path(env) if env else Path(__file__).resolve().parent / "_lib"
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent / "_lib"
+    if (here / "pydhsa.h").exists():
+        return here
+    # Imported from a source checkout (e.g. `python -m pytest` in the repository root): the libraries
+    # are in the installed copy of the package, further down sys.path.
+    for entry in sys.path:
+        candidate = Path(entry or ".").resolve() / "pydhsa" / "_lib"
+        if (candidate / "pydhsa.h").exists():
+            return candidate
+    return here
 
 
 def _library_file(directory: Path) -> Path:

@@ -29,5 +29,7 @@ def model(model_path):
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `pydhsa` as a user would, in a child process."""
-    return subprocess.run([sys.executable, "-m", "pydhsa", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    script = Path(sys.executable).with_name("pydhsa")  # the console script pip installed
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "pydhsa"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
