@@ -70,6 +70,24 @@ class Timings:
         return self.n_generate / (self.t_generate_ms / 1e3) if self.t_generate_ms > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class DhsaDensity:
+    per_layer: dict      # layer index -> computed / causal pairs (layers that ran the DHSA kernel)
+    overall: Optional[float]  # over those layers; None when no layer ran it (e.g. a short context)
+
+
+def _fill_dhsa_params(c, cfg) -> None:
+    if cfg.boundary not in ("keysim", "fixed"):
+        raise PydhsaError(f"DHSA boundary {cfg.boundary!r} is not implemented in the engine (use keysim or fixed)")
+    c.enabled = True
+    c.budget = float(cfg.budget)
+    c.boundary = 0 if cfg.boundary == "keysim" else 1
+    c.chunk_min, c.chunk_max, c.chunk_avg = cfg.chunk_min, cfg.chunk_max, cfg.chunk_avg
+    c.q_block, c.sink_tokens, c.local_tokens = cfg.q_block, cfg.sink_tokens, cfg.local_tokens
+    c.dense_tail, c.min_context = cfg.dense_tail, cfg.min_context
+    c.all_layers = cfg.layers == "all"
+
+
 def default_threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -142,9 +160,16 @@ class Model:
             _check(self._lib, status, err)
             return ffi.unpack(buf, n_out[0]).decode("utf-8", "replace")
 
+    def dhsa_file_values(self) -> dict:
+        """The `<arch>.dhsa.*` parameters stored in the model file ({} when it has none)."""
+        from .dhsa_params import read_gguf_dhsa
+        return dict(read_gguf_dhsa(self.path))
+
     def session(self, n_ctx: int = 4096, n_threads: Optional[int] = None, n_batch: int = 2048, n_ubatch: int = 512,
-                verbose: bool = False) -> "Session":
-        return Session(self, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, n_ubatch=n_ubatch, verbose=verbose)
+                verbose: bool = False, dhsa: Optional["DhsaConfig"] = None) -> "Session":
+        """A new context. `dhsa`: a pydhsa.dhsa_params.DhsaConfig to run DHSA attention, None for dense."""
+        return Session(self, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, n_ubatch=n_ubatch, verbose=verbose,
+                       dhsa=dhsa)
 
     def close(self) -> None:
         if self._ptr is not None:
@@ -166,7 +191,7 @@ class Session:
     """A context (KV cache) on a Model: prefill tokens, then generate."""
 
     def __init__(self, model: Model, n_ctx: int = 4096, n_threads: Optional[int] = None, n_batch: int = 2048,
-                 n_ubatch: int = 512, verbose: bool = False):
+                 n_ubatch: int = 512, verbose: bool = False, dhsa: Optional["DhsaConfig"] = None):
         self.model = model
         self._lib = model._lib
         self._ptr = None
@@ -178,6 +203,9 @@ class Session:
         self._lib.pydhsa_session_default_params(params)
         params.n_ctx, params.n_threads = int(n_ctx), threads
         params.n_batch, params.n_ubatch, params.verbose = int(n_batch), int(n_ubatch), bool(verbose)
+        self.dhsa = dhsa
+        if dhsa is not None:
+            _fill_dhsa_params(params.dhsa, dhsa)
         out = ffi.new("pydhsa_session **")
         err = ffi.new("pydhsa_error *")
         _check(self._lib, self._lib.pydhsa_session_create(model._handle(), params, out, err), err)
@@ -281,6 +309,20 @@ class Session:
         finally:
             stop.set()
             thread.join()
+
+    def dhsa_density(self) -> Optional[DhsaDensity]:
+        """Attention density DHSA actually used (computed query-key pairs over causal pairs), per layer
+        and overall, summed over everything evaluated so far; None for a dense session."""
+        if self.dhsa is None:
+            return None
+        ffi = _native.ffi
+        n = self.model.info.n_layer
+        computed, causal = ffi.new("int64_t[]", n), ffi.new("int64_t[]", n)
+        self._lib.pydhsa_session_dhsa_stats(self._handle(), computed, causal, n)
+        per_layer = {il: computed[il] / causal[il] for il in range(n) if causal[il] > 0}
+        total_causal = sum(causal[il] for il in range(n))
+        overall = sum(computed[il] for il in range(n)) / total_causal if total_causal else None
+        return DhsaDensity(per_layer=per_layer, overall=overall)
 
     def timings(self) -> Timings:
         out = _native.ffi.new("pydhsa_timings *")

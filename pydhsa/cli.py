@@ -1,7 +1,7 @@
 """The `pydhsa` command line: a thin layer over the Python API.
 
     pydhsa run [MODEL.gguf] (-p PROMPT | -f FILE) [-n N] [-c CTX] [-t THREADS] [-b N] [-ub N]
-               [--temp T] [--seed S] [-ngl N] [-v]
+               [--temp T] [--seed S] [-ngl N] [-v] [--dense | --dhsa] [--dhsa-budget B] [--dhsa-* ...]
     pydhsa info MODEL.gguf
     pydhsa convert IN.gguf OUT.gguf [--dhsa-* ...] [--remove-dhsa]
 
@@ -78,7 +78,17 @@ def _add_run_parser(sub) -> None:
                    help="sampling seed (default -1 = random)")
     p.add_argument("-ngl", "--n-gpu-layers", type=_int_in("-ngl", -1, 100000), default=0,
                    help="layers to offload to the GPU (default 0; -1 = all)")
-    p.add_argument("-v", "--verbose", action="store_true", help="show the engine's log")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="report the DHSA settings and the attention density actually used")
+    p.add_argument("--engine-log", action="store_true", help="show llama.cpp's own log on stderr")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--dense", action="store_true",
+                      help="dense attention (upstream flash attention), ignoring any DHSA keys in the file")
+    mode.add_argument("--dhsa", action="store_true",
+                      help="DHSA with the file's settings, else the built-in defaults (implied by any --dhsa-* flag "
+                           "and by DHSA keys in the file)")
+    from .dhsa_params import add_dhsa_arguments
+    add_dhsa_arguments(p)
     p.set_defaults(handler=cmd_run)
 
 
@@ -146,15 +156,47 @@ def _mib(n_bytes: int) -> str:
     return f"{n_bytes / (1 << 20):.0f} MiB"
 
 
+def dhsa_config_for_run(args, model_path: Path):
+    """The DHSA settings of a run (None = dense): flags over the file's keys over built-in defaults.
+    DHSA is on when asked for (--dhsa or any --dhsa-* flag) or when the file carries DHSA keys."""
+    from .dhsa_params import cli_values, config_from_args, read_gguf_dhsa
+
+    flags = cli_values(args)
+    if args.dense and flags:
+        raise UsageError(f"--dense cannot be combined with --dhsa-* flags (got {', '.join(sorted(flags))})")
+    if args.dense:
+        return None
+    file_values = read_gguf_dhsa(model_path)
+    if not (args.dhsa or flags or file_values):
+        return None
+    return config_from_args(args, file_values)
+
+
+def _report_density(session) -> None:
+    density = session.dhsa_density()
+    if density is None:
+        return
+    if density.overall is None:
+        print("pydhsa: DHSA density: no layer ran DHSA (context below min_context, or no eligible layer)",
+              file=sys.stderr)
+        return
+    layers = ", ".join(f"L{il} {d:.3f}" for il, d in sorted(density.per_layer.items()))
+    print(f"pydhsa: DHSA density {density.overall:.3f} overall (computed / causal query-key pairs) | {layers}",
+          file=sys.stderr)
+
+
 def cmd_run(args) -> int:
     from .api import Model
     from .gguf_info import check_model_path
 
     prompt = _read_prompt(args)
     model_path = check_model_path(_resolve_model(args))
-    with Model(model_path, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose) as model:
+    dhsa = dhsa_config_for_run(args, model_path)
+    if args.verbose:
+        print(f"pydhsa: attention: {'dense' if dhsa is None else dhsa}", file=sys.stderr)
+    with Model(model_path, n_gpu_layers=args.n_gpu_layers, verbose=args.engine_log) as model:
         with model.session(n_ctx=args.ctx_size, n_threads=args.threads, n_batch=args.batch_size,
-                           n_ubatch=args.ubatch_size, verbose=args.verbose) as session:
+                           n_ubatch=args.ubatch_size, verbose=args.engine_log, dhsa=dhsa) as session:
             tokens = model.tokenize(prompt, add_special=True)
             if len(tokens) > session.n_ctx:
                 raise UsageError(f"the prompt is {len(tokens)} tokens but the context holds {session.n_ctx}; "
@@ -170,6 +212,8 @@ def cmd_run(args) -> int:
                   f" | generated {t.n_generate} tokens in {t.t_generate_ms / 1e3:.2f} s ({t.generate_tok_s:.1f} tok/s)"
                   f" | load {t.t_load_ms / 1e3:.2f} s | peak memory {_mib(t.peak_rss_bytes)}"
                   f" | threads {session.n_threads}", file=sys.stderr)
+            if args.verbose:
+                _report_density(session)
     return 0
 
 

@@ -113,6 +113,8 @@ def _int_param(name: str, default: int, help: str, lo: int = 0, hi: int = MAX_TO
     return DhsaParam(name, "int", default, help, flag or _flag(name), aliases, None, lo, hi, "N")
 
 
+MAX_CHUNK = 512  # DHSA_SEGMENT of the engine
+
 PARAMS: tuple[DhsaParam, ...] = (
     DhsaParam("budget", "float", 0.3,
               "fraction of the causal keys each query block attends to, 0 < B <= 1 "
@@ -122,9 +124,11 @@ PARAMS: tuple[DhsaParam, ...] = (
               "(every chunk_avg tokens), learned (not implemented yet)",
               _flag("boundary"), (), BOUNDARY_CHOICES, None, None, "{" + ",".join(BOUNDARY_CHOICES) + "}"),
     _int_param("chunk_min", 16, "minimum key chunk length in tokens (>= 1)", lo=1),
-    _int_param("chunk_max", 128, "maximum key chunk length in tokens (>= 2*chunk_min)", lo=1),
+    # The engine chunks keys in aligned segments of MAX_CHUNK cells (native/dhsa/ggml-dhsa.h).
+    _int_param("chunk_max", 128, f"maximum key chunk length in tokens (>= 2*chunk_min, <= {MAX_CHUNK})",
+               lo=1, hi=MAX_CHUNK),
     _int_param("chunk_avg", 32, "target mean key chunk length in tokens "
-                                "(chunk_min <= chunk_avg <= chunk_max)", lo=1),
+                                "(chunk_min <= chunk_avg <= chunk_max)", lo=1, hi=MAX_CHUNK),
     _int_param("q_block", 64, f"query block size in tokens (1..{MAX_Q_BLOCK})", lo=1, hi=MAX_Q_BLOCK),
     _int_param("sink_tokens", 128, "first keys always kept (attention sink)",
                flag="--dhsa-sink", aliases=("--dhsa-sink-tokens",)),

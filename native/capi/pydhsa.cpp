@@ -7,6 +7,8 @@
 
 #include "pydhsa.h"
 
+#include "ggml-dhsa.h"
+#include "llama-dhsa.h"
 #include "llama.h"
 
 #include <algorithm>
@@ -153,6 +155,7 @@ struct pydhsa_model {
 
 struct pydhsa_session {
     pydhsa_model * model   = nullptr;
+    dhsa_runtime * dhsa    = nullptr;  // owned; attached to ctx when DHSA is enabled
     llama_context * ctx    = nullptr;
     int32_t n_ctx          = 0;
     int32_t n_batch        = 0;
@@ -316,6 +319,48 @@ void pydhsa_session_default_params(pydhsa_session_params * params) {
     params->n_batch   = 2048;
     params->n_ubatch  = 512;
     params->verbose   = false;
+    pydhsa_dhsa_params & d = params->dhsa;
+    d.enabled      = false;
+    d.budget       = 0.3;  // DHSA.md defaults
+    d.boundary     = 0;
+    d.chunk_min    = 16;
+    d.chunk_max    = 128;
+    d.chunk_avg    = 32;
+    d.q_block      = 64;
+    d.sink_tokens  = 128;
+    d.local_tokens = 128;
+    d.dense_tail   = 64;
+    d.min_context  = 2048;
+    d.all_layers   = false;
+}
+
+static int32_t check_dhsa_params(const pydhsa_dhsa_params & d, const char * arch, pydhsa_error * err) {
+    if (strcmp(arch, "gemma2") != 0 && strcmp(arch, "gemma3") != 0) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "DHSA supports the gemma2 and gemma3 architectures, not %s "
+                         "(run it dense)", arch);
+    }
+    if (!(d.budget > 0.0 && d.budget <= 1.0)) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "DHSA budget must be in (0, 1], got %g", d.budget);
+    }
+    if (d.boundary != 0 && d.boundary != 1) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "DHSA boundary must be 0 (keysim) or 1 (fixed), got %d", d.boundary);
+    }
+    if (!(1 <= d.chunk_min && d.chunk_min <= d.chunk_avg && d.chunk_avg <= d.chunk_max && d.chunk_max <= DHSA_SEGMENT &&
+          d.chunk_max >= 2 * d.chunk_min)) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT,
+                         "DHSA chunk sizes need 1 <= min <= avg <= max <= %d and max >= 2*min, got %d/%d/%d",
+                         DHSA_SEGMENT, d.chunk_min, d.chunk_avg, d.chunk_max);
+    }
+    if (d.q_block < 1 || d.q_block > 4096) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "DHSA q_block must be between 1 and 4096, got %d", d.q_block);
+    }
+    const int32_t counts[] = { d.sink_tokens, d.local_tokens, d.dense_tail, d.min_context };
+    for (int32_t c : counts) {
+        if (c < 0 || c > (1 << 24)) {
+            return set_error(err, PYDHSA_ERR_ARGUMENT, "DHSA token counts must be between 0 and %d, got %d", 1 << 24, c);
+        }
+    }
+    return PYDHSA_OK;
 }
 
 int32_t pydhsa_session_create(pydhsa_model * model, const pydhsa_session_params * params, pydhsa_session ** out,
@@ -341,6 +386,13 @@ int32_t pydhsa_session_create(pydhsa_model * model, const pydhsa_session_params 
         return set_error(err, PYDHSA_ERR_ARGUMENT, "ubatch size must be between 1 and %d, got %d", kMaxBatch,
                          params->n_ubatch);
     }
+    if (params->dhsa.enabled) {
+        char arch[64] = { 0 };
+        llama_model_meta_val_str(model->model, "general.architecture", arch, sizeof(arch));
+        if (int32_t rc = check_dhsa_params(params->dhsa, arch, err)) {
+            return rc;
+        }
+    }
     pydhsa_set_verbose(params->verbose);
     clear_last_log_error();
 
@@ -353,6 +405,9 @@ int32_t pydhsa_session_create(pydhsa_model * model, const pydhsa_session_params 
     cparams.n_threads            = n_threads;
     cparams.n_threads_batch      = n_threads;
     cparams.no_perf              = false;
+    if (params->dhsa.enabled) {
+        cparams.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED;  // the DHSA op replaces flash attention
+    }
 
     llama_context * ctx = nullptr;
     try {
@@ -370,6 +425,24 @@ int32_t pydhsa_session_create(pydhsa_model * model, const pydhsa_session_params 
     s->ctx      = ctx;
     s->n_ctx    = (int32_t) llama_n_ctx(ctx);
     s->n_batch  = (int32_t) llama_n_batch(ctx);
+    if (params->dhsa.enabled) {
+        const pydhsa_dhsa_params & d = params->dhsa;
+        s->dhsa               = new dhsa_runtime{};
+        s->dhsa->budget       = d.budget;
+        s->dhsa->boundary     = d.boundary;
+        s->dhsa->chunk_min    = d.chunk_min;
+        s->dhsa->chunk_max    = d.chunk_max;
+        s->dhsa->chunk_avg    = d.chunk_avg;
+        s->dhsa->window       = 4;  // DHSA.md's keysim window
+        s->dhsa->q_block      = d.q_block;
+        s->dhsa->sink_tokens  = d.sink_tokens;
+        s->dhsa->local_tokens = d.local_tokens;
+        s->dhsa->dense_tail   = d.dense_tail;
+        s->dhsa->min_context  = d.min_context;
+        s->dhsa->all_layers   = d.all_layers ? 1 : 0;
+        s->dhsa->dense_from   = INT32_MAX;
+        llama_dhsa_attach(ctx, s->dhsa);
+    }
     *out        = s;
     return ok(err);
 }
@@ -379,6 +452,7 @@ void pydhsa_session_free(pydhsa_session * session) {
         return;
     }
     llama_free(session->ctx);
+    delete session->dhsa;
     delete session;
 }
 
@@ -432,6 +506,10 @@ int32_t pydhsa_prefill(pydhsa_session * session, const int32_t * tokens, int32_t
                              i, n_vocab);
         }
     }
+    if (session->dhsa) {
+        // The prompt's last dense_tail tokens attend to everything (where the question usually is).
+        session->dhsa->dense_from = session->n_past + n_tokens - session->dhsa->dense_tail;
+    }
     const double t0 = now_ms();
     for (int32_t i = 0; i < n_tokens; i += session->n_batch) {
         const int32_t n = std::min(session->n_batch, n_tokens - i);
@@ -472,6 +550,9 @@ int32_t pydhsa_generate(pydhsa_session * session, int32_t max_tokens, float temp
     }
     const llama_vocab * vocab = llama_model_get_vocab(session->model->model);
     llama_sampler * sampler   = make_sampler(temperature, seed);
+    if (session->dhsa) {
+        session->dhsa->dense_from = INT32_MAX;  // generated tokens select like any query
+    }
     std::vector<char> piece(256);
     int32_t status  = PYDHSA_OK;
     const double t0 = now_ms();
@@ -530,6 +611,20 @@ void pydhsa_session_timings(const pydhsa_session * session, pydhsa_timings * out
     out->n_generate     = session->n_generate;
     out->n_past         = session->n_past;
     out->peak_rss_bytes = peak_rss_bytes();
+}
+
+int32_t pydhsa_session_dhsa_stats(const pydhsa_session * session, int64_t * computed, int64_t * causal,
+                                  int32_t n_layer) {
+    if (!session) {
+        return 0;
+    }
+    const int32_t n_model = llama_model_n_layer(session->model->model);
+    for (int32_t il = 0; il < n_layer && il < DHSA_MAX_LAYERS; il++) {
+        const bool have = session->dhsa != nullptr && il < n_model;
+        computed[il]    = have ? __atomic_load_n(&session->dhsa->pairs_computed[il], __ATOMIC_RELAXED) : 0;
+        causal[il]      = have ? __atomic_load_n(&session->dhsa->pairs_causal[il], __ATOMIC_RELAXED) : 0;
+    }
+    return n_model;
 }
 
 }  // extern "C"

@@ -64,12 +64,30 @@ typedef struct {
     bool add_bos;
 } pydhsa_model_info;
 
+/* DHSA settings of a session (docs: native/dhsa/ALGORITHM.md). enabled = false runs upstream's dense
+ * flash attention, bit for bit. */
+typedef struct {
+    bool enabled;
+    double budget;        /* 0 < budget <= 1; 1 = dense through the DHSA kernel */
+    int32_t boundary;     /* 0 keysim, 1 fixed */
+    int32_t chunk_min;    /* 1 <= chunk_min <= chunk_avg <= chunk_max <= 512 */
+    int32_t chunk_max;
+    int32_t chunk_avg;
+    int32_t q_block;      /* 1..4096 */
+    int32_t sink_tokens;
+    int32_t local_tokens;
+    int32_t dense_tail;   /* the last dense_tail tokens of each prefill attend to everything */
+    int32_t min_context;  /* fewer cached keys than this: dense */
+    bool all_layers;      /* false: global-attention layers only */
+} pydhsa_dhsa_params;
+
 typedef struct {
     int32_t n_ctx;      /* context length in tokens; 0 = the model's training context */
     int32_t n_threads;  /* threads for decode and batch processing; <= 0 = default */
     int32_t n_batch;    /* logical batch size */
     int32_t n_ubatch;   /* physical batch size */
     bool verbose;       /* let llama.cpp's log through to stderr */
+    pydhsa_dhsa_params dhsa;
 } pydhsa_session_params;
 
 typedef struct {
@@ -125,6 +143,11 @@ PYDHSA_API int32_t pydhsa_generate(pydhsa_session * session, int32_t max_tokens,
 /* Logits of the last evaluated position (n_vocab floats). */
 PYDHSA_API int32_t pydhsa_last_logits(pydhsa_session * session, float * out, int32_t n_vocab, pydhsa_error * err);
 PYDHSA_API void pydhsa_session_timings(const pydhsa_session * session, pydhsa_timings * out);
+/* Query-key pairs the DHSA kernel computed and the causal pairs of the same rows, per layer, summed over
+ * every decode call so far (zeros for layers that ran dense attention). Fills n_layer entries of each
+ * array; returns the number of layers of the model. */
+PYDHSA_API int32_t pydhsa_session_dhsa_stats(const pydhsa_session * session, int64_t * computed, int64_t * causal,
+                                             int32_t n_layer);
 /* cffi:end */
 
 #ifdef __cplusplus

@@ -1,0 +1,420 @@
+// CPU kernels of the DHSA ops (compiled into ggml-cpu; hooked into its dispatch by our patch series).
+//
+// select: row positions from the mask, key chunk boundaries (per aligned segment, keysim or fixed),
+//         chunk and query-block representations, and per (query block, KV head) key-range lists, all
+//         computed by dhsa-select.c so that they are bit-identical to pydhsa/reference.py.
+// attn:   block-sparse flash attention over those ranges: online softmax in f32, f16 K/V converted one
+//         tile at a time and reused by every query row and every query head of the GQA group.
+//
+// Threads: ggml calls each forward with (ith, nth); phases of the selection are separated by
+// ggml_barrier, and the attention splits (query block, KV head) work items across threads.
+
+#include "ggml-cpu-dhsa.h"
+
+#include "dhsa-select.h"
+#include "ggml-cpu-impl.h"
+#include "ggml-cpu.h"
+#include "ggml-dhsa.h"
+#include "vec.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+namespace {
+
+constexpr int64_t kTile = 32;  // keys per K/V tile in the attention kernel
+constexpr size_t  kAlign = 64;
+
+size_t align_up(size_t n) {
+    return (n + kAlign - 1) & ~(kAlign - 1);
+}
+
+struct op_params_view {
+    dhsa_runtime * rt;
+    int32_t        il;
+    float          scale;
+    float          softcap;
+};
+
+op_params_view read_params(const ggml_tensor * t) {
+    op_params_view p;
+    memcpy(&p.rt, t->op_params, sizeof(p.rt));
+    p.il = t->op_params[2];
+    memcpy(&p.scale, &t->op_params[3], sizeof(float));
+    memcpy(&p.softcap, &t->op_params[4], sizeof(float));
+    return p;
+}
+
+dhsa_params to_select_params(const dhsa_runtime * rt) {
+    dhsa_params p;
+    dhsa_params_default(&p);
+    p.budget       = rt->budget;
+    p.boundary     = rt->boundary;
+    p.chunk_min    = rt->chunk_min;
+    p.chunk_max    = rt->chunk_max;
+    p.chunk_avg    = rt->chunk_avg;
+    p.window       = rt->window;
+    p.q_block      = rt->q_block;
+    p.sink_tokens  = rt->sink_tokens;
+    p.local_tokens = rt->local_tokens;
+    p.dense_from   = rt->dense_from;
+    return p;
+}
+
+// Geometry shared by the selection forward and its work-size estimate.
+struct select_geometry {
+    int64_t n_q, n_kv, n_head_kv, d, n_blocks, n_seg, max_chunks, max_ranges, slot_size;
+    size_t  seg_rows;  // keys converted per segment: the segment and the keysim window before it
+
+    explicit select_geometry(const ggml_tensor * node) {
+        const dhsa_runtime * rt = read_params(node).rt;
+        const ggml_tensor * q   = node->src[0];
+        const ggml_tensor * k   = node->src[1];
+        n_q        = q->ne[1];
+        n_kv       = k->ne[1];
+        n_head_kv  = k->ne[2];
+        d          = k->ne[0];
+        n_blocks   = (n_q + rt->q_block - 1) / rt->q_block;
+        n_seg      = (n_kv + DHSA_SEGMENT - 1) / DHSA_SEGMENT;
+        max_chunks = n_kv / std::max(1, std::min(rt->chunk_min, rt->chunk_avg)) + n_seg + 2;
+        max_ranges = ggml_dhsa_max_ranges(n_kv, rt);
+        slot_size  = 1 + 2 * max_ranges;
+        seg_rows   = (size_t) DHSA_SEGMENT + (size_t) std::max(rt->window, 0);
+    }
+
+    // shared: per-segment bounds, all bounds, Kc, Qb, selection scratch; then per thread: f32 keys of a
+    // segment and the keysim scratch.
+    size_t seg_bounds_ints() const { return (size_t) DHSA_SEGMENT + 2; }
+    size_t shared_bytes() const {
+        return align_up(sizeof(int32_t) * seg_bounds_ints() * n_seg) + align_up(sizeof(int32_t) * (n_kv + 2)) +
+               align_up(sizeof(float) * max_chunks * n_head_kv * d) + align_up(sizeof(float) * n_blocks * n_head_kv * d) +
+               align_up(dhsa_select_ranges_workspace_size((int32_t) max_chunks) + kAlign);
+    }
+    size_t thread_bytes() const {
+        return align_up(sizeof(float) * seg_rows * n_head_kv * d) +
+               align_up(dhsa_keysim_workspace_size((int32_t) seg_rows, (int32_t) d) + kAlign);
+    }
+};
+
+// Last unmasked key of mask row r, -1 when the row sees nothing.
+int32_t row_position(const ggml_tensor * mask, int64_t r, int64_t n_kv) {
+    const ggml_fp16_t * row = (const ggml_fp16_t *) ((const char *) mask->data + r * mask->nb[1]);
+    for (int64_t j = n_kv - 1; j >= 0; j--) {
+        if (GGML_CPU_FP16_TO_FP32(row[j]) != -INFINITY) {
+            return (int32_t) j;
+        }
+    }
+    return -1;
+}
+
+// Keys [row0, row1) of every KV head as f32 rows [row][head][d] (no copy needed for contiguous f32).
+dhsa_tensor key_rows_f32(const ggml_tensor * k, int64_t row0, int64_t row1, float * buf) {
+    const int64_t d = k->ne[0], n_head_kv = k->ne[2];
+    for (int64_t j = row0; j < row1; j++) {
+        for (int64_t h = 0; h < n_head_kv; h++) {
+            const char * src = (const char *) k->data + j * k->nb[1] + h * k->nb[2];
+            float *      dst = buf + ((j - row0) * n_head_kv + h) * d;
+            if (k->type == GGML_TYPE_F16) {
+                ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) src, dst, d);
+            } else {
+                memcpy(dst, src, sizeof(float) * d);
+            }
+        }
+    }
+    return dhsa_tensor{ buf, (int32_t) (row1 - row0), (int32_t) n_head_kv, (int32_t) d, n_head_kv * d, d };
+}
+
+// Chunk boundaries of one aligned segment [seg0, seg1): the keys before seg0 are frozen (they only feed
+// the keysim window), as ALGORITHM.md's frozen-prefix rule, so the result equals the reference's
+// incremental chunking segment by segment. Writes count + cuts in (seg0, seg1] to out.
+bool segment_bounds(const dhsa_params & p, const ggml_tensor * k, int64_t seg0, int64_t seg1, float * keys,
+                    void * work, size_t work_size, int32_t * out) {
+    const int64_t base   = p.boundary == DHSA_BOUNDARY_KEYSIM ? std::max<int64_t>(0, seg0 - p.window) : seg0;
+    const int32_t frozen = (int32_t) (seg0 - base);
+    int32_t       n_bounds = 0;
+    int32_t *     bounds   = out + 1;
+    dhsa_status   st;
+    if (p.boundary == DHSA_BOUNDARY_KEYSIM) {
+        const dhsa_tensor K = key_rows_f32(k, base, seg1, keys);
+        st = dhsa_boundaries(&p, &K, frozen > 0 ? &frozen : nullptr, frozen > 0 ? 1 : 0, bounds,
+                             (int32_t) (seg1 - base + 1), &n_bounds, work, work_size);
+    } else {
+        st = dhsa_fixed_boundaries((int32_t) (seg1 - base), p.chunk_avg, nullptr, 0, bounds,
+                                   (int32_t) (seg1 - base + 1), &n_bounds);
+    }
+    if (st != DHSA_OK) {
+        return false;
+    }
+    int32_t n = 0;
+    for (int32_t i = 0; i < n_bounds; i++) {
+        if (bounds[i] > frozen) {
+            bounds[n++] = bounds[i] + (int32_t) base;
+        }
+    }
+    out[0] = n;
+    return true;
+}
+
+// Dense slot for every (block, KV head): the block's visible keys, masked per row by the kernel.
+void write_dense_slots(const select_geometry & g, const int32_t * pos, int32_t q_block, int32_t * slots) {
+    for (int64_t b = 0; b < g.n_blocks; b++) {
+        int32_t pe = -1;
+        for (int64_t r = b * q_block; r < std::min<int64_t>(g.n_q, (b + 1) * q_block); r++) {
+            pe = std::max(pe, pos[r]);
+        }
+        for (int64_t h = 0; h < g.n_head_kv; h++) {
+            int32_t * slot = slots + (b * g.n_head_kv + h) * g.slot_size;
+            slot[0]        = pe >= 0 ? 1 : 0;
+            slot[1]        = 0;
+            slot[2]        = pe + 1;
+        }
+    }
+}
+
+}  // namespace
+
+size_t ggml_cpu_dhsa_work_size(const struct ggml_tensor * node, int n_tasks) {
+    if (node->op == GGML_OP_DHSA_SELECT) {
+        const select_geometry g(node);
+        return g.shared_bytes() + g.thread_bytes() * n_tasks + kAlign;
+    }
+    // attn: per thread, a K and a V tile in f32, the tile's scores, and the online-softmax state (running
+    // max, sum and output accumulator) of every row and head of one work item.
+    const dhsa_runtime * rt = read_params(node).rt;
+    const int64_t dk = node->src[1]->ne[0], dv = node->src[2]->ne[0];
+    const int64_t group = node->src[0]->ne[2] / node->src[1]->ne[2];
+    const int64_t states = (int64_t) rt->q_block * group;
+    const size_t per_thread = align_up(sizeof(float) * (kTile * dk + kTile * dv + kTile)) +
+                              align_up(sizeof(float) * states * (2 + dv)) + align_up(sizeof(float) * dk);
+    return per_thread * n_tasks + kAlign;
+}
+
+void ggml_compute_forward_dhsa_select(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
+    const op_params_view op = read_params(dst);
+    const dhsa_runtime * rt = op.rt;
+    const ggml_tensor * q = dst->src[0], * k = dst->src[1], * mask = dst->src[2];
+    const select_geometry g(dst);
+    const int ith = params->ith, nth = params->nth;
+
+    int32_t * out   = (int32_t *) dst->data;
+    int32_t * pos   = out;                       // [n_q] row positions
+    int32_t * flag  = out + g.n_q;               // 1: sparse selection, 0: dense fallback
+    int32_t * slots = out + DHSA_SEL_HEADER(g.n_q);
+
+    char * shared = (char *) (((uintptr_t) params->wdata + kAlign - 1) & ~(uintptr_t) (kAlign - 1));
+    int32_t * seg_bounds = (int32_t *) shared;
+    int32_t * bounds     = (int32_t *) (shared + align_up(sizeof(int32_t) * g.seg_bounds_ints() * g.n_seg));
+    float *   Kc = (float *) ((char *) bounds + align_up(sizeof(int32_t) * (g.n_kv + 2)));
+    float *   Qb = (float *) ((char *) Kc + align_up(sizeof(float) * g.max_chunks * g.n_head_kv * g.d));
+    void *    select_work = (char *) Qb + align_up(sizeof(float) * g.n_blocks * g.n_head_kv * g.d);
+    char *    mine = shared + g.shared_bytes() + g.thread_bytes() * ith;
+    float *   keys = (float *) mine;
+    void *    keysim_work = mine + align_up(sizeof(float) * g.seg_rows * g.n_head_kv * g.d);
+    const size_t keysim_work_size = dhsa_keysim_workspace_size((int32_t) g.seg_rows, (int32_t) g.d) + kAlign;
+
+    // Phase 1: the position of every query row, read from the mask.
+    for (int64_t r = ith; r < g.n_q; r += nth) {
+        pos[r] = row_position(mask, r, g.n_kv);
+    }
+    ggml_barrier(params->threadpool);
+
+    // Sparse selection needs one sequence stored in consecutive cells (query r at pos[0] + r) and enough
+    // keys; otherwise every block attends densely under the mask, which is exact.
+    const int32_t q_pos0 = pos[0];
+    bool sparse = q_pos0 >= 0 && rt->budget < 1.0 && (int64_t) q_pos0 + g.n_q >= rt->min_context;
+    for (int64_t r = 1; sparse && r < g.n_q; r++) {
+        sparse = pos[r] == q_pos0 + r;
+    }
+    const int64_t n_eff = sparse ? q_pos0 + g.n_q : 0;  // keys that exist: the cells up to the last query
+    const dhsa_params p = to_select_params(rt);
+
+    // Phase 2: boundaries, one aligned segment per work item.
+    const int64_t n_seg_eff = (n_eff + DHSA_SEGMENT - 1) / DHSA_SEGMENT;
+    for (int64_t s = ith; s < n_seg_eff; s += nth) {
+        int32_t * seg_out = seg_bounds + s * g.seg_bounds_ints();
+        const int64_t seg0 = s * DHSA_SEGMENT, seg1 = std::min(n_eff, seg0 + DHSA_SEGMENT);
+        if (!segment_bounds(p, k, seg0, seg1, keys, keysim_work, keysim_work_size, seg_out)) {
+            seg_out[0] = -1;
+        }
+    }
+    ggml_barrier(params->threadpool);
+
+    // Phase 3 (thread 0): concatenate the boundaries, build the representations, select the ranges. It
+    // is a small part of the op (O(n_kv d / chunk) dot products), so one thread keeps it simple.
+    if (ith == 0) {
+        int32_t n_bounds = 0;
+        bounds[n_bounds++] = 0;
+        for (int64_t s = 0; sparse && s < n_seg_eff; s++) {
+            const int32_t * seg_out = seg_bounds + s * g.seg_bounds_ints();
+            if (seg_out[0] < 0) {
+                sparse = false;
+                break;
+            }
+            for (int32_t i = 0; i < seg_out[0]; i++) {
+                bounds[n_bounds++] = seg_out[1 + i];
+            }
+        }
+        const int32_t n_chunks = n_bounds - 1;
+        bool ok = sparse && n_chunks >= 1 && n_chunks <= g.max_chunks;
+        if (ok) {
+            // Chunk representations straight from the cache rows: f16 -> f32 is exact, so summing the
+            // converted values in key order is the reference's float32 sum.
+            for (int32_t c = 0; c < n_chunks && ok; c++) {
+                const dhsa_tensor K = key_rows_f32(k, bounds[c], bounds[c + 1], keys);
+                const int32_t zero_one[2] = { 0, bounds[c + 1] - bounds[c] };
+                ok = dhsa_chunk_reprs(&K, zero_one, 1, Kc + (size_t) c * g.n_head_kv * g.d) == DHSA_OK;
+            }
+        }
+        if (ok) {
+            const dhsa_tensor Q{ (const float *) q->data, (int32_t) g.n_q, (int32_t) q->ne[2], (int32_t) g.d,
+                                 (int64_t) (q->nb[1] / sizeof(float)), (int64_t) (q->nb[2] / sizeof(float)) };
+            ok = dhsa_query_block_reprs(&Q, (int32_t) g.n_head_kv, rt->q_block, Qb) == DHSA_OK &&
+                 dhsa_select_ranges(&p, Qb, Kc, bounds, n_chunks, (int32_t) g.n_q, q_pos0, (int32_t) g.n_head_kv,
+                                    (int32_t) g.d, slots, (int32_t) g.max_ranges, select_work,
+                                    dhsa_select_ranges_workspace_size((int32_t) g.max_chunks) + kAlign) == DHSA_OK;
+        }
+        *flag = ok ? 1 : 0;
+        if (!ok) {
+            write_dense_slots(g, pos, rt->q_block, slots);
+        }
+    }
+}
+
+void ggml_compute_forward_dhsa_attn(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
+    const op_params_view op = read_params(dst);
+    dhsa_runtime * rt = op.rt;
+    const ggml_tensor * q = dst->src[0], * k = dst->src[1], * v = dst->src[2], * mask = dst->src[3];
+    const ggml_tensor * sel = dst->src[4];
+
+    const int64_t dk = k->ne[0], dv = v->ne[0], n_q = q->ne[1], n_head = q->ne[2], n_head_kv = k->ne[2];
+    const int64_t group = n_head / n_head_kv;
+    const int64_t q_block = rt->q_block;
+    const int64_t n_blocks = (n_q + q_block - 1) / q_block;
+    const int64_t slot_size = 1 + 2 * (int64_t) ggml_dhsa_max_ranges(k->ne[1], rt);
+    const int32_t * pos   = (const int32_t *) sel->data;
+    const int32_t * slots = pos + DHSA_SEL_HEADER(n_q);
+
+    // ggml's soft-capping convention: s = softcap * tanh(scale * q.k / softcap)
+    const float softcap = op.softcap;
+    const float scale   = softcap > 0.0f ? op.scale / softcap : op.scale;
+
+    // Work items: (block, KV head) so that each K/V tile is converted once for the whole GQA group; when
+    // that leaves threads idle (decode, short ubatches), (block, query head) instead.
+    const bool per_head   = n_blocks * n_head_kv < params->nth;
+    const int64_t n_items = per_head ? n_blocks * n_head : n_blocks * n_head_kv;
+
+    const size_t per_thread = (ggml_cpu_dhsa_work_size(dst, params->nth) - kAlign) / params->nth;
+    char * mine = (char *) (((uintptr_t) params->wdata + kAlign - 1) & ~(uintptr_t) (kAlign - 1)) + per_thread * params->ith;
+    float * k_tile = (float *) mine;
+    float * v_tile = k_tile + kTile * dk;
+    float * scores = v_tile + kTile * dv;
+    float * state  = (float *) (mine + align_up(sizeof(float) * (kTile * dk + kTile * dv + kTile)));
+    const int64_t states = q_block * group;
+    float * m_run  = state;               // running max per (row, head)
+    float * l_run  = state + states;      // running sum of exp
+    float * acc    = state + 2 * states;  // [states][dv] output accumulators
+
+    int64_t pairs_computed = 0, pairs_causal = 0;
+
+    for (int64_t item = params->ith; item < n_items; item += params->nth) {
+        const int64_t b  = per_head ? item / n_head : item / n_head_kv;
+        const int64_t h0 = per_head ? item % n_head : (item % n_head_kv) * group;
+        const int64_t nh = per_head ? 1 : group;
+        const int64_t g  = h0 / group;
+        const int64_t r0 = b * q_block, r1 = std::min(n_q, r0 + q_block);
+        const int32_t * slot = slots + (b * n_head_kv + g) * slot_size;
+
+        for (int64_t s = 0; s < (r1 - r0) * nh; s++) {
+            m_run[s] = -INFINITY;
+            l_run[s] = 0.0f;
+        }
+        memset(acc, 0, sizeof(float) * (r1 - r0) * nh * dv);
+
+        int32_t pe = -1;
+        for (int64_t r = r0; r < r1; r++) {
+            pe = std::max(pe, pos[r]);
+        }
+        for (int32_t ri = 0; ri < slot[0]; ri++) {
+            const int64_t start = slot[1 + 2 * ri], end = std::min<int64_t>(slot[2 + 2 * ri], pe + 1);
+            for (int64_t t0 = start; t0 < end; t0 += kTile) {
+                const int64_t t1 = std::min(end, t0 + kTile);
+                for (int64_t j = t0; j < t1; j++) {  // one conversion per tile, reused by all rows and heads
+                    const char * kr = (const char *) k->data + j * k->nb[1] + g * k->nb[2];
+                    const char * vr = (const char *) v->data + j * v->nb[1] + g * v->nb[2];
+                    if (k->type == GGML_TYPE_F16) {
+                        ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) kr, k_tile + (j - t0) * dk, dk);
+                        ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) vr, v_tile + (j - t0) * dv, dv);
+                    } else {
+                        memcpy(k_tile + (j - t0) * dk, kr, sizeof(float) * dk);
+                        memcpy(v_tile + (j - t0) * dv, vr, sizeof(float) * dv);
+                    }
+                }
+                for (int64_t r = r0; r < r1; r++) {
+                    const int64_t kend = std::min<int64_t>(t1, (int64_t) pos[r] + 1);  // causal inside the tile
+                    if (kend <= t0) {
+                        continue;
+                    }
+                    const ggml_fp16_t * mrow = (const ggml_fp16_t *) ((const char *) mask->data + r * mask->nb[1]);
+                    for (int64_t hh = 0; hh < nh; hh++) {
+                        const int64_t h  = h0 + hh;
+                        const float * qr = (const float *) ((const char *) q->data + r * q->nb[1] + h * q->nb[2]);
+                        const int64_t s  = (r - r0) * nh + hh;
+                        float tile_max   = -INFINITY;
+                        for (int64_t j = t0; j < kend; j++) {
+                            float dot;
+                            ggml_vec_dot_f32((int) dk, &dot, 0, k_tile + (j - t0) * dk, 0, qr, 0, 1);
+                            float x = dot * scale;
+                            if (softcap > 0.0f) {
+                                x = softcap * tanhf(x);
+                            }
+                            x += GGML_CPU_FP16_TO_FP32(mrow[j]);
+                            scores[j - t0] = x;
+                            tile_max       = std::max(tile_max, x);
+                        }
+                        if (tile_max == -INFINITY) {
+                            continue;  // every key of the tile is masked for this row
+                        }
+                        float * a = acc + s * dv;
+                        if (tile_max > m_run[s]) {
+                            const float correction = expf(m_run[s] - tile_max);
+                            ggml_vec_scale_f32((int) dv, a, correction);
+                            l_run[s] *= correction;
+                            m_run[s] = tile_max;
+                        }
+                        for (int64_t j = t0; j < kend; j++) {
+                            const float e = expf(scores[j - t0] - m_run[s]);
+                            if (e == 0.0f) {
+                                continue;
+                            }
+                            l_run[s] += e;
+                            ggml_vec_mad_f32((int) dv, a, v_tile + (j - t0) * dv, e);
+                        }
+                    }
+                }
+            }
+        }
+        // Normalise and store in flash_attn_ext's layout [dv, H, n_q]; count the pairs for the density.
+        for (int64_t r = r0; r < r1; r++) {
+            int64_t computed = 0;
+            for (int32_t ri = 0; ri < slot[0]; ri++) {
+                computed += std::max<int64_t>(0, std::min<int64_t>(slot[2 + 2 * ri], (int64_t) pos[r] + 1) - slot[1 + 2 * ri]);
+            }
+            for (int64_t hh = 0; hh < nh; hh++) {
+                const int64_t s = (r - r0) * nh + hh;
+                float * out = (float *) ((char *) dst->data + r * dst->nb[2] + (h0 + hh) * dst->nb[1]);
+                if (l_run[s] > 0.0f) {
+                    for (int64_t i = 0; i < dv; i++) {
+                        out[i] = acc[s * dv + i] / l_run[s];
+                    }
+                } else {
+                    memset(out, 0, sizeof(float) * dv);
+                }
+                pairs_computed += computed;
+                pairs_causal += (int64_t) pos[r] + 1;
+            }
+        }
+    }
+    __atomic_fetch_add(&rt->pairs_computed[op.il], pairs_computed, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&rt->pairs_causal[op.il], pairs_causal, __ATOMIC_RELAXED);
+}

@@ -1,0 +1,69 @@
+// Constructors of the DHSA ops (compiled into ggml-base): shape checks and parameters only, as every
+// ggml op constructor. See ggml-dhsa.h.
+#include "ggml-dhsa.h"
+
+#include "ggml-impl.h"
+
+#include <string.h>
+
+// op_params: [0..1] the runtime pointer, [2] layer, [3] scale (f32), [4] softcap (f32)
+static void dhsa_set_params(struct ggml_tensor * t, struct dhsa_runtime * rt, int32_t il, float scale, float softcap) {
+    int32_t params[5];
+    memcpy(params, &rt, sizeof(rt));
+    params[2] = il;
+    memcpy(&params[3], &scale, sizeof(float));
+    memcpy(&params[4], &softcap, sizeof(float));
+    ggml_set_op_params(t, params, sizeof(params));
+}
+
+int32_t ggml_dhsa_max_ranges(int64_t n_kv, const struct dhsa_runtime * rt) {
+    // Each range holds the sink, the local window or at least one chunk, and ranges are separated by at
+    // least one key: bounded by the chunk count + 2 and by half the keys.
+    const int64_t shortest = rt->chunk_min < rt->chunk_avg ? rt->chunk_min : rt->chunk_avg;
+    const int64_t chunks   = n_kv / (shortest > 0 ? shortest : 1) + n_kv / DHSA_SEGMENT + 2;
+    const int64_t half     = (n_kv + 1) / 2;
+    const int64_t m        = chunks + 2 < half ? chunks + 2 : half;
+    return (int32_t) (m > 1 ? m : 1);
+}
+
+struct ggml_tensor * ggml_dhsa_select(struct ggml_context * ctx, struct ggml_tensor * q, struct ggml_tensor * k,
+                                      struct ggml_tensor * kq_mask, struct dhsa_runtime * rt, int32_t il) {
+    GGML_ASSERT(rt != NULL && il >= 0 && il < DHSA_MAX_LAYERS);
+    GGML_ASSERT(q->type == GGML_TYPE_F32 && q->nb[0] == sizeof(float));
+    GGML_ASSERT(k->type == GGML_TYPE_F16 || k->type == GGML_TYPE_F32);
+    GGML_ASSERT(q->ne[0] == k->ne[0] && q->ne[3] == 1 && k->ne[3] == 1);
+    GGML_ASSERT(q->ne[2] % k->ne[2] == 0);
+    GGML_ASSERT(kq_mask && kq_mask->type == GGML_TYPE_F16 && kq_mask->ne[0] == k->ne[1] && kq_mask->ne[1] >= q->ne[1]);
+
+    const int64_t n_q       = q->ne[1];
+    const int64_t n_blocks  = (n_q + rt->q_block - 1) / rt->q_block;
+    const int64_t slot_size = 1 + 2 * (int64_t) ggml_dhsa_max_ranges(k->ne[1], rt);
+    struct ggml_tensor * result =
+        ggml_new_tensor_1d(ctx, GGML_TYPE_I32, DHSA_SEL_HEADER(n_q) + n_blocks * k->ne[2] * slot_size);
+    dhsa_set_params(result, rt, il, 0.0f, 0.0f);
+    result->op     = GGML_OP_DHSA_SELECT;
+    result->src[0] = q;
+    result->src[1] = k;
+    result->src[2] = kq_mask;
+    return result;
+}
+
+struct ggml_tensor * ggml_dhsa_attn(struct ggml_context * ctx, struct ggml_tensor * q, struct ggml_tensor * k,
+                                    struct ggml_tensor * v, struct ggml_tensor * kq_mask, struct ggml_tensor * sel,
+                                    float scale, float softcap, struct dhsa_runtime * rt, int32_t il) {
+    GGML_ASSERT(sel && sel->op == GGML_OP_DHSA_SELECT && sel->src[0] == q && sel->src[1] == k);
+    GGML_ASSERT(v->type == k->type && v->ne[1] == k->ne[1] && v->ne[2] == k->ne[2] && v->ne[3] == 1);
+    GGML_ASSERT(v->nb[0] == ggml_type_size(v->type));  // not transposed (flash-attention layout)
+    GGML_ASSERT(softcap >= 0.0f);
+
+    // [d_v, H, n_q, 1], as ggml_flash_attn_ext
+    struct ggml_tensor * result = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, v->ne[0], q->ne[2], q->ne[1], 1);
+    dhsa_set_params(result, rt, il, scale, softcap);
+    result->op     = GGML_OP_DHSA_ATTN;
+    result->src[0] = q;
+    result->src[1] = k;
+    result->src[2] = v;
+    result->src[3] = kq_mask;
+    result->src[4] = sel;
+    return result;
+}

@@ -1,0 +1,68 @@
+// The DHSA ops of our ggml fork: selection and block-sparse attention (constructors; CPU kernels live in
+// ggml-cpu-dhsa.cpp). The contract of what they compute is native/dhsa/ALGORITHM.md.
+//
+//   sel = ggml_dhsa_select(ctx, q, k, kq_mask, rt, il)          -> I32 range lists
+//   out = ggml_dhsa_attn  (ctx, q, k, v, kq_mask, sel, scale, softcap, rt, il)
+//
+// The tensors are those of ggml_flash_attn_ext (q [d, n_q, H, 1] f32, k/v [d, n_kv, H_kv, 1] f16 or f32,
+// kq_mask [n_kv, >= n_q] f16 with 0 / -inf), and `out` has flash_attn_ext's layout [d_v, H, n_q, 1], so
+// the graph swaps one call for the other.
+//
+// Query positions are read from the mask: row r's position is its last unmasked key (the cache cell the
+// query was stored in). Selection works in cache-cell order, which is token order for one sequence;
+// when the rows are not consecutive cells (several sequences, holes), the op falls back to dense ranges,
+// so the result is always exactly attention under the mask, restricted to the selected keys.
+//
+// Parameters are read at compute time from a dhsa_runtime owned by the caller (its address is stored in
+// op_params), so a reused graph always sees the current settings (e.g. the prompt's dense tail).
+#pragma once
+
+#include "ggml.h"
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define DHSA_MAX_LAYERS 512
+
+// Keys are chunked in aligned segments of this many cache cells; boundaries inside a complete segment
+// therefore never move when more keys arrive (the spec's "boundaries of keys already in the cache never
+// move"), and the last, incomplete segment is the open tail that is re-chunked as it grows.
+#define DHSA_SEGMENT 512
+
+struct dhsa_runtime {
+    // DHSA.md parameters (validated by the caller)
+    double  budget;       // 0 < budget; >= 1 dense
+    int32_t boundary;     // 0 keysim, 1 fixed
+    int32_t chunk_min, chunk_max, chunk_avg;
+    int32_t window;       // keysim window
+    int32_t q_block;
+    int32_t sink_tokens, local_tokens;
+    int32_t dense_tail;
+    int32_t min_context;  // fewer keys than this: the graph keeps upstream flash attention
+    int32_t all_layers;   // 0: global layers only, 1: sliding-window layers too
+    // set by the caller per decode call: blocks with a query at cell >= dense_from attend densely
+    int32_t dense_from;
+    // statistics, accumulated by the attention kernel (atomically): computed and causal query-key pairs
+    int64_t pairs_computed[DHSA_MAX_LAYERS];
+    int64_t pairs_causal[DHSA_MAX_LAYERS];
+};
+
+GGML_API struct ggml_tensor * ggml_dhsa_select(struct ggml_context * ctx, struct ggml_tensor * q, struct ggml_tensor * k,
+                                               struct ggml_tensor * kq_mask, struct dhsa_runtime * rt, int32_t il);
+
+GGML_API struct ggml_tensor * ggml_dhsa_attn(struct ggml_context * ctx, struct ggml_tensor * q, struct ggml_tensor * k,
+                                             struct ggml_tensor * v, struct ggml_tensor * kq_mask,
+                                             struct ggml_tensor * sel, float scale, float softcap,
+                                             struct dhsa_runtime * rt, int32_t il);
+
+// Layout of the selection tensor (I32, 1-D): [n_q row positions][1 flag][slots], slot (b, g) at
+// DHSA_SEL_HEADER(n_q) + (b * H_kv + g) * (1 + 2 * max_ranges): count, then start/end pairs.
+#define DHSA_SEL_HEADER(n_q) ((n_q) + 1)
+GGML_API int32_t ggml_dhsa_max_ranges(int64_t n_kv, const struct dhsa_runtime * rt);
+
+#ifdef __cplusplus
+}
+#endif
