@@ -341,6 +341,37 @@ def select_ranges(Q: np.ndarray, K: np.ndarray, params: DhsaParams, q_pos0: int,
     return select_ranges_from_reprs(Qb, Kc, bounds, n_q, q_pos0, params)
 
 
+# The engine chunks the cache in aligned segments of this many cells (native/dhsa/ggml-dhsa.h): the
+# boundaries of a complete segment never move as keys arrive, and the last segment is the open tail.
+ENGINE_SEGMENT = 512
+
+
+def segmented_boundaries(K: np.ndarray, params: DhsaParams, segment: int = ENGINE_SEGMENT) -> np.ndarray:
+    """Boundaries as the engine computes them: each aligned segment is the region of one incremental
+    chunking step, with every earlier boundary frozen (ALGORITHM.md, frozen prefix)."""
+    n_kv = np.shape(K)[0]
+    bounds: List[int] = [0]
+    for seg1 in range(min(segment, n_kv), n_kv + segment, segment):
+        seg1 = min(seg1, n_kv)
+        bounds = [int(b) for b in boundaries(K[:seg1], params, frozen=bounds)]
+        if seg1 == n_kv:
+            break
+    return np.asarray(bounds, dtype=np.int64)
+
+
+def engine_select_ranges(Q: np.ndarray, K: np.ndarray, params: DhsaParams, q_pos0: int,
+                         segment: int = ENGINE_SEGMENT) -> RangeLists:
+    """The selection the engine's op makes for queries at q_pos0.. over the keys that exist when they
+    are evaluated (cells up to the last query): segmented boundaries, then steps 2-5."""
+    n_q, H, d = np.shape(Q)
+    H_kv = np.shape(K)[1]
+    K_eff = K[:q_pos0 + n_q]
+    bounds = segmented_boundaries(K_eff, params, segment)
+    Kc = chunk_representations(K_eff, bounds)
+    Qb = query_block_representations(Q, params.q_block, H_kv)
+    return select_ranges_from_reprs(Qb, Kc, bounds, n_q, q_pos0, params)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Step 6: attention (float64 reference)
 # ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,84 @@
+"""One attention layer through the engine's ggml ops on the CPU (tests and benchmarks).
+
+    out, ranges = run_attention(Q, K, V, mode="dhsa", config=DhsaConfig(budget=0.3))
+
+Q: [n_q, H, d] float32; K, V: [n_kv, H_kv, d] float16 or float32. mode: "dhsa" (our select + attn ops),
+"flash" (upstream ggml_flash_attn_ext, dense) or "mask" (our selection as a -inf mask for flash
+attention: the route upstream takes for sparse attention). Returns the output [n_q, H, d] float32 and,
+for "dhsa"/"mask", the selection as ranges[block][kv_head] = [(start, end), ...] (the reference's format).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from . import _native
+from .api import _check, _fill_dhsa_params
+from .dhsa_params import DhsaConfig
+
+MODES = {"dhsa": 0, "flash": 1, "mask": 2}
+DENSE_NONE = 2**31 - 1
+DHSA_SEGMENT = 512
+
+
+@dataclass
+class OpResult:
+    out: np.ndarray
+    ranges: Optional[List[List[List[Tuple[int, int]]]]]
+    positions: Optional[np.ndarray]  # query row positions the op read from the mask
+    sparse: Optional[bool]           # False when the op fell back to dense ranges
+    elapsed_ms: float
+
+
+def max_ranges(n_kv: int, cfg: DhsaConfig) -> int:
+    """ggml_dhsa_max_ranges (ggml-dhsa.c): the range capacity of one selection slot."""
+    shortest = max(1, min(cfg.chunk_min, cfg.chunk_avg))
+    chunks = n_kv // shortest + n_kv // DHSA_SEGMENT + 2
+    return max(1, min(chunks + 2, (n_kv + 1) // 2))
+
+
+def run_attention(Q: np.ndarray, K: np.ndarray, V: np.ndarray, mode: str = "dhsa",
+                  config: Optional[DhsaConfig] = None, q_pos0: Optional[int] = None, scale: Optional[float] = None,
+                  softcap: float = 0.0, n_threads: int = 1, dense_from: Optional[int] = None) -> OpResult:
+    lib = _native.load()
+    ffi = _native.ffi
+    n_q, H, d = Q.shape
+    n_kv, H_kv, dk = K.shape
+    if K.shape != V.shape or dk != d or K.dtype != V.dtype or K.dtype not in (np.float16, np.float32):
+        raise ValueError("K and V must have the same shape [n_kv, H_kv, d] and dtype float16 or float32")
+    q_pos0 = n_kv - n_q if q_pos0 is None else q_pos0
+    scale = 1.0 / np.sqrt(d) if scale is None else scale
+    cfg = config or DhsaConfig()
+    Qc = np.ascontiguousarray(Q, dtype=np.float32)
+    Kc, Vc = np.ascontiguousarray(K), np.ascontiguousarray(V)
+    params = ffi.new("pydhsa_dhsa_params *")
+    _fill_dhsa_params(params, cfg)
+    out = np.empty((n_q, H, d), dtype=np.float32)
+    n_blocks = -(-n_q // cfg.q_block)
+    slot = 1 + 2 * max_ranges(n_kv, cfg)
+    n_ints = n_q + 1 + n_blocks * H_kv * slot
+    sel = np.zeros(n_ints, dtype=np.int32)
+    n_sel = ffi.new("int64_t *")
+    elapsed = ffi.new("double *")
+    err = ffi.new("pydhsa_error *")
+    status = lib.pydhsa_op_attention(
+        MODES[mode], params, DENSE_NONE if dense_from is None else int(dense_from),
+        ffi.cast("const float *", Qc.ctypes.data), ffi.cast("const void *", Kc.ctypes.data),
+        ffi.cast("const void *", Vc.ctypes.data), K.dtype == np.float16, n_q, n_kv, H, H_kv, d, q_pos0,
+        float(scale), float(softcap), int(n_threads), ffi.cast("float *", out.ctypes.data),
+        ffi.cast("int32_t *", sel.ctypes.data), n_ints, n_sel, elapsed, err)
+    _check(lib, status, err)
+    if mode == "flash":
+        return OpResult(out, None, None, None, elapsed[0])
+    assert n_sel[0] == n_ints, (n_sel[0], n_ints)
+    ranges = []
+    for b in range(n_blocks):
+        per_head = []
+        for g in range(H_kv):
+            base = n_q + 1 + (b * H_kv + g) * slot
+            count = int(sel[base])
+            per_head.append([(int(sel[base + 1 + 2 * i]), int(sel[base + 2 + 2 * i])) for i in range(count)])
+        ranges.append(per_head)
+    return OpResult(out, ranges, sel[:n_q].copy(), bool(sel[n_q]), elapsed[0])
