@@ -11,6 +11,8 @@ directory, is checked, and is renamed over the output path only when complete; o
 temporary file is removed and nothing is left behind.
 
 Usage: ``python -m convert gguf IN.gguf OUT.gguf [--dhsa-* ...] [--remove-dhsa]``
+(the CLI also takes a Hugging Face Gemma 2/3 checkpoint folder as IN, with ``--outtype``; that
+conversion is ``convert.hf_gemma``).
 
 Library API:
     convert_gguf(src, dst, set_values=None, remove=False, write_defaults=False, progress=None)
@@ -572,10 +574,19 @@ def _write_atomically(dst: str, meta: bytes, mm, data_start: int, data_size: int
 # --------------------------------------------------------------------------------------------
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the GGUF -> GGUF converter's arguments (positional IN OUT, --dhsa-*, options)."""
-    parser.add_argument("input", metavar="IN.gguf", help="input GGUF file (never modified)")
+    """Add the converter's arguments (positional IN OUT, --outtype, --dhsa-*, options).
+
+    IN is a GGUF file (copied with DHSA keys changed) or a Hugging Face Gemma 2/3 checkpoint
+    folder (converted by ``convert.hf_gemma``).
+    """
+    parser.add_argument("input", metavar="IN",
+                        help="input GGUF file, or Hugging Face Gemma2ForCausalLM / "
+                             "Gemma3ForCausalLM checkpoint folder (never modified)")
     parser.add_argument("output", metavar="OUT.gguf",
                         help="output GGUF file (must differ from the input; written atomically)")
+    parser.add_argument("--outtype", choices=("f32", "f16", "bf16", "q8_0"), default=None,
+                        help="weight type when converting a Hugging Face folder (default f16; "
+                             "1-D tensors stay f32); not allowed for GGUF input")
     parser.add_argument("--remove-dhsa", action="store_true",
                         help="remove every <arch>.dhsa.* key of the input (with --dhsa-* flags: "
                              "replace the whole set by the given values)")
@@ -605,6 +616,12 @@ def run_convert(args: argparse.Namespace, stdout: TextIO | None = None,
     """
     out = stdout if stdout is not None else sys.stdout
     err = stderr if stderr is not None else sys.stderr
+    if os.path.isdir(args.input):
+        return _run_convert_hf(args, out, err)
+    if getattr(args, "outtype", None) is not None:
+        err.write("error: --outtype applies only to a Hugging Face checkpoint folder; a GGUF "
+                  "input keeps its tensor types\n")
+        return 2
     try:
         res = convert_gguf(args.input, args.output, set_values=cli_values(args),
                            remove=getattr(args, "remove_dhsa", False),
@@ -629,6 +646,35 @@ def run_convert(args: argparse.Namespace, stdout: TextIO | None = None,
         if not parts:
             parts.append("no DHSA keys")
         out.write(f"wrote {res.dst}: {'; '.join(parts)}\n")
+        out.flush()
+    return 0
+
+
+def _run_convert_hf(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``run_convert`` for a Hugging Face checkpoint folder (see convert.hf_gemma)."""
+    from .hf_gemma import DEFAULT_OUTTYPE, convert_hf
+    try:
+        res = convert_hf(args.input, args.output, outtype=getattr(args, "outtype", None)
+                         or DEFAULT_OUTTYPE, set_values=cli_values(args),
+                         write_defaults=getattr(args, "write_defaults", False),
+                         progress=getattr(args, "progress", None), progress_stream=err)
+    except ConvertIOError as e:
+        err.write(f"error: {e}\n")
+        return 1
+    except (ConvertError, DhsaParamError, GgufFormatError) as e:
+        err.write(f"error: {e}\n")
+        return 2
+    except OSError as e:
+        err.write(f"error: {e}\n")
+        return 1
+    if not getattr(args, "quiet", False):
+        parts = [f"{res.arch}, {res.n_tensors} tensors ({res.outtype}), {res.n_vocab} tokens"]
+        if res.dhsa:
+            parts.append("set " + ", ".join(f"{res.arch}.dhsa.{k}={_fmt_val(v)}"
+                                           for k, v in res.dhsa.items()))
+        out.write(f"wrote {res.dst}: {'; '.join(parts)}\n")
+        for note in res.notes:
+            out.write(f"note: {note}\n")
         out.flush()
     return 0
 

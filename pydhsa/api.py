@@ -166,10 +166,12 @@ class Model:
         return dict(read_gguf_dhsa(self.path))
 
     def session(self, n_ctx: int = 4096, n_threads: Optional[int] = None, n_batch: int = 2048, n_ubatch: int = 512,
-                verbose: bool = False, dhsa: Optional["DhsaConfig"] = None) -> "Session":
-        """A new context. `dhsa`: a pydhsa.dhsa_params.DhsaConfig to run DHSA attention, None for dense."""
+                verbose: bool = False, dhsa: Optional["DhsaConfig"] = None,
+                flash_attn: Optional[bool] = None) -> "Session":
+        """A new context. `dhsa`: a pydhsa.dhsa_params.DhsaConfig to run DHSA attention, None for dense.
+        `flash_attn`: None = llama.cpp's automatic choice, True/False to force it (dense only)."""
         return Session(self, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, n_ubatch=n_ubatch, verbose=verbose,
-                       dhsa=dhsa)
+                       dhsa=dhsa, flash_attn=flash_attn)
 
     def close(self) -> None:
         if self._ptr is not None:
@@ -191,7 +193,8 @@ class Session:
     """A context (KV cache) on a Model: prefill tokens, then generate."""
 
     def __init__(self, model: Model, n_ctx: int = 4096, n_threads: Optional[int] = None, n_batch: int = 2048,
-                 n_ubatch: int = 512, verbose: bool = False, dhsa: Optional["DhsaConfig"] = None):
+                 n_ubatch: int = 512, verbose: bool = False, dhsa: Optional["DhsaConfig"] = None,
+                 flash_attn: Optional[bool] = None):
         self.model = model
         self._lib = model._lib
         self._ptr = None
@@ -203,6 +206,7 @@ class Session:
         self._lib.pydhsa_session_default_params(params)
         params.n_ctx, params.n_threads = int(n_ctx), threads
         params.n_batch, params.n_ubatch, params.verbose = int(n_batch), int(n_ubatch), bool(verbose)
+        params.flash_attn = -1 if flash_attn is None else int(bool(flash_attn))
         self.dhsa = dhsa
         if dhsa is not None:
             _fill_dhsa_params(params.dhsa, dhsa)

@@ -78,6 +78,8 @@ def _add_run_parser(sub) -> None:
                    help="sampling seed (default -1 = random)")
     p.add_argument("-ngl", "--n-gpu-layers", type=_int_in("-ngl", -1, 100000), default=0,
                    help="layers to offload to the GPU (default 0; -1 = all)")
+    p.add_argument("-fa", "--flash-attn", choices=["on", "off", "auto"], default="auto",
+                   help="flash attention for dense runs (default auto, as llama.cpp; DHSA always uses its own kernel)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="report the DHSA settings and the attention density actually used")
     p.add_argument("--engine-log", action="store_true", help="show llama.cpp's own log on stderr")
@@ -196,7 +198,8 @@ def cmd_run(args) -> int:
         print(f"pydhsa: attention: {'dense' if dhsa is None else dhsa}", file=sys.stderr)
     with Model(model_path, n_gpu_layers=args.n_gpu_layers, verbose=args.engine_log) as model:
         with model.session(n_ctx=args.ctx_size, n_threads=args.threads, n_batch=args.batch_size,
-                           n_ubatch=args.ubatch_size, verbose=args.engine_log, dhsa=dhsa) as session:
+                           n_ubatch=args.ubatch_size, verbose=args.engine_log, dhsa=dhsa,
+                           flash_attn={"on": True, "off": False, "auto": None}[args.flash_attn]) as session:
             tokens = model.tokenize(prompt, add_special=True)
             if len(tokens) > session.n_ctx:
                 raise UsageError(f"the prompt is {len(tokens)} tokens but the context holds {session.n_ctx}; "

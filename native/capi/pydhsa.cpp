@@ -319,6 +319,7 @@ void pydhsa_session_default_params(pydhsa_session_params * params) {
     params->n_batch   = 2048;
     params->n_ubatch  = 512;
     params->verbose   = false;
+    params->flash_attn = -1;
     pydhsa_dhsa_params & d = params->dhsa;
     d.enabled      = false;
     d.budget       = 0.3;  // DHSA.md defaults
@@ -386,6 +387,13 @@ int32_t pydhsa_session_create(pydhsa_model * model, const pydhsa_session_params 
         return set_error(err, PYDHSA_ERR_ARGUMENT, "ubatch size must be between 1 and %d, got %d", kMaxBatch,
                          params->n_ubatch);
     }
+    if (params->flash_attn < -1 || params->flash_attn > 1) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "flash_attn must be -1 (auto), 0 (off) or 1 (on), got %d",
+                         params->flash_attn);
+    }
+    if (params->dhsa.enabled && params->flash_attn == 0) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "DHSA replaces flash attention and cannot run with it turned off");
+    }
     if (params->dhsa.enabled) {
         char arch[64] = { 0 };
         llama_model_meta_val_str(model->model, "general.architecture", arch, sizeof(arch));
@@ -405,6 +413,9 @@ int32_t pydhsa_session_create(pydhsa_model * model, const pydhsa_session_params 
     cparams.n_threads            = n_threads;
     cparams.n_threads_batch      = n_threads;
     cparams.no_perf              = false;
+    cparams.flash_attn_type = params->flash_attn < 0 ? LLAMA_FLASH_ATTN_TYPE_AUTO
+                              : params->flash_attn == 0 ? LLAMA_FLASH_ATTN_TYPE_DISABLED
+                                                        : LLAMA_FLASH_ATTN_TYPE_ENABLED;
     if (params->dhsa.enabled) {
         cparams.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED;  // the DHSA op replaces flash attention
     }

@@ -87,6 +87,7 @@ typedef struct {
     int32_t n_batch;    /* logical batch size */
     int32_t n_ubatch;   /* physical batch size */
     bool verbose;       /* let llama.cpp's log through to stderr */
+    int32_t flash_attn; /* -1 auto (llama.cpp's default), 0 off, 1 on; DHSA needs it on or auto */
     pydhsa_dhsa_params dhsa;
 } pydhsa_session_params;
 
