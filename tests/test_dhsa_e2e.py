@@ -68,3 +68,22 @@ def test_needle_found_by_dhsa_wherever_dense_finds_it(model, length):
                 assert 0.25 < density.overall < 0.5, density  # sparse, near the budget
     assert all(d <= s for d, s in zip(found["dense"], found["dhsa"])), found
     assert sum(found["dense"]) >= 2, found  # the test means something only if dense finds needles
+
+
+def test_selection_state_follows_the_cache(model, prompt_4k):
+    """Boundaries and representations are recomputed from the cache contents at every call, so clearing
+    the cache and running again gives exactly what a fresh session gives, and prefilling a prompt in
+    several calls (ubatches selecting among all cached chunks) gives what one call gives."""
+    tokens = model.tokenize(prompt_4k.text)[:1500]
+    cfg = DhsaConfig(budget=0.2, min_context=0, dense_tail=0)
+    with model.session(n_ctx=2048, n_batch=512, dhsa=cfg) as session:
+        session.prefill(model.tokenize("Some other text first. " * 50))
+        session.reset()
+        session.prefill(tokens)
+        after_reset = session.logits()
+        assert session.dhsa_density().overall < 0.6
+    with model.session(n_ctx=2048, n_batch=512, dhsa=cfg) as fresh:
+        fresh.prefill(tokens[:512])  # query blocks align to ubatches: split where a ubatch ends
+        fresh.prefill(tokens[512:])
+        in_two_calls = fresh.logits()
+    np.testing.assert_array_equal(after_reset, in_two_calls)
