@@ -7,7 +7,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["Model", "Session", "ModelInfo", "Timings", "PydhsaError", "ModelFileError", "UnsupportedModelError",
+__all__ = ["Model", "Session", "ModelInfo", "Timings", "DhsaConfig", "PydhsaError", "ModelFileError", "UnsupportedModelError",
            "ContextOverflowError", "__version__"]
 
 from .errors import ContextOverflowError, ModelFileError, PydhsaError, UnsupportedModelError
@@ -17,4 +17,7 @@ def __getattr__(name):  # the native library loads on first use, not on `import 
     if name in ("Model", "Session", "ModelInfo", "Timings"):
         from . import api
         return getattr(api, name)
+    if name == "DhsaConfig":
+        from .dhsa_params import DhsaConfig
+        return DhsaConfig
     raise AttributeError(name)
