@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_parser(sub)
     _add_info_parser(sub)
     _add_convert_parser(sub)
+    from .cli_eval import add_eval_parsers
+    add_eval_parsers(sub)
     return parser
 
 

@@ -15,6 +15,7 @@
 #include "ggml-cpu-impl.h"
 #include "ggml-cpu.h"
 #include "ggml-dhsa.h"
+#include "simd-gemm.h"
 #include "vec.h"
 
 #include <algorithm>
@@ -23,7 +24,7 @@
 
 namespace {
 
-constexpr int64_t kTile = 32;  // keys per K/V tile in the attention kernel
+constexpr int64_t kTile = 64;  // keys per K/V tile in the attention kernel (as upstream GGML_FA_TILE_KV)
 constexpr size_t  kAlign = 64;
 
 size_t align_up(size_t n) {
@@ -174,20 +175,41 @@ void write_dense_slots(const select_geometry & g, const int32_t * pos, int32_t q
 
 }  // namespace
 
+// Per-thread scratch of the attention kernel for one work item of up to `rows` query rows x heads:
+// the gathered queries, one K tile (transposed) and one V tile in f32, the tile's scores and mask, and
+// the online-softmax state (running max, sum and output accumulator) of every row.
+struct attn_scratch {
+    float * q, * k_t, * v, * kq, * mask, * m_run, * l_run, * acc;
+
+    static size_t bytes(int64_t rows, int64_t dk, int64_t dv) {
+        return align_up(sizeof(float) * rows * dk) + align_up(sizeof(float) * dk * kTile) +
+               align_up(sizeof(float) * kTile * dv) + 2 * align_up(sizeof(float) * rows * kTile) +
+               2 * align_up(sizeof(float) * rows) + align_up(sizeof(float) * rows * dv);
+    }
+
+    attn_scratch(char * base, int64_t rows, int64_t dk, int64_t dv) {
+        char * p = base;
+        auto take = [&p](size_t n) { float * f = (float *) p; p += align_up(n); return f; };
+        q     = take(sizeof(float) * rows * dk);
+        k_t   = take(sizeof(float) * dk * kTile);
+        v     = take(sizeof(float) * kTile * dv);
+        kq    = take(sizeof(float) * rows * kTile);
+        mask  = take(sizeof(float) * rows * kTile);
+        m_run = take(sizeof(float) * rows);
+        l_run = take(sizeof(float) * rows);
+        acc   = take(sizeof(float) * rows * dv);
+    }
+};
+
 size_t ggml_cpu_dhsa_work_size(const struct ggml_tensor * node, int n_tasks) {
     if (node->op == GGML_OP_DHSA_SELECT) {
         const select_geometry g(node);
         return g.shared_bytes() + g.thread_bytes() * n_tasks + kAlign;
     }
-    // attn: per thread, a K and a V tile in f32, the tile's scores, and the online-softmax state (running
-    // max, sum and output accumulator) of every row and head of one work item.
     const dhsa_runtime * rt = read_params(node).rt;
     const int64_t dk = node->src[1]->ne[0], dv = node->src[2]->ne[0];
     const int64_t group = node->src[0]->ne[2] / node->src[1]->ne[2];
-    const int64_t states = (int64_t) rt->q_block * group;
-    const size_t per_thread = align_up(sizeof(float) * (kTile * dk + kTile * dv + kTile)) +
-                              align_up(sizeof(float) * states * (2 + dv)) + align_up(sizeof(float) * dk);
-    return per_thread * n_tasks + kAlign;
+    return attn_scratch::bytes((int64_t) rt->q_block * group, dk, dv) * n_tasks + kAlign;
 }
 
 void ggml_compute_forward_dhsa_select(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
@@ -304,16 +326,9 @@ void ggml_compute_forward_dhsa_attn(const struct ggml_compute_params * params, s
     const bool per_head   = n_blocks * n_head_kv < params->nth;
     const int64_t n_items = per_head ? n_blocks * n_head : n_blocks * n_head_kv;
 
-    const size_t per_thread = (ggml_cpu_dhsa_work_size(dst, params->nth) - kAlign) / params->nth;
-    char * mine = (char *) (((uintptr_t) params->wdata + kAlign - 1) & ~(uintptr_t) (kAlign - 1)) + per_thread * params->ith;
-    float * k_tile = (float *) mine;
-    float * v_tile = k_tile + kTile * dk;
-    float * scores = v_tile + kTile * dv;
-    float * state  = (float *) (mine + align_up(sizeof(float) * (kTile * dk + kTile * dv + kTile)));
-    const int64_t states = q_block * group;
-    float * m_run  = state;               // running max per (row, head)
-    float * l_run  = state + states;      // running sum of exp
-    float * acc    = state + 2 * states;  // [states][dv] output accumulators
+    const size_t per_thread = attn_scratch::bytes(q_block * group, dk, dv);
+    char * base = (char *) (((uintptr_t) params->wdata + kAlign - 1) & ~(uintptr_t) (kAlign - 1));
+    attn_scratch w(base + per_thread * params->ith, q_block * group, dk, dv);
 
     int64_t pairs_computed = 0, pairs_causal = 0;
 
@@ -323,13 +338,19 @@ void ggml_compute_forward_dhsa_attn(const struct ggml_compute_params * params, s
         const int64_t nh = per_head ? 1 : group;
         const int64_t g  = h0 / group;
         const int64_t r0 = b * q_block, r1 = std::min(n_q, r0 + q_block);
+        const int64_t M  = (r1 - r0) * nh;  // score-matrix rows: (query row, head) pairs, row-major
         const int32_t * slot = slots + (b * n_head_kv + g) * slot_size;
 
-        for (int64_t s = 0; s < (r1 - r0) * nh; s++) {
-            m_run[s] = -INFINITY;
-            l_run[s] = 0.0f;
+        // Gather the item's queries: row m = (r - r0) * nh + hh.
+        for (int64_t r = r0; r < r1; r++) {
+            for (int64_t hh = 0; hh < nh; hh++) {
+                memcpy(w.q + ((r - r0) * nh + hh) * dk, (const char *) q->data + r * q->nb[1] + (h0 + hh) * q->nb[2],
+                       sizeof(float) * dk);
+            }
         }
-        memset(acc, 0, sizeof(float) * (r1 - r0) * nh * dv);
+        std::fill(w.m_run, w.m_run + M, -INFINITY);
+        std::fill(w.l_run, w.l_run + M, 0.0f);
+        memset(w.acc, 0, sizeof(float) * M * dv);
 
         int32_t pe = -1;
         for (int64_t r = r0; r < r1; r++) {
@@ -338,60 +359,72 @@ void ggml_compute_forward_dhsa_attn(const struct ggml_compute_params * params, s
         for (int32_t ri = 0; ri < slot[0]; ri++) {
             const int64_t start = slot[1 + 2 * ri], end = std::min<int64_t>(slot[2 + 2 * ri], pe + 1);
             for (int64_t t0 = start; t0 < end; t0 += kTile) {
-                const int64_t t1 = std::min(end, t0 + kTile);
-                for (int64_t j = t0; j < t1; j++) {  // one conversion per tile, reused by all rows and heads
-                    const char * kr = (const char *) k->data + j * k->nb[1] + g * k->nb[2];
-                    const char * vr = (const char *) v->data + j * v->nb[1] + g * v->nb[2];
-                    if (k->type == GGML_TYPE_F16) {
-                        ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) kr, k_tile + (j - t0) * dk, dk);
-                        ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) vr, v_tile + (j - t0) * dv, dv);
+                const int64_t nt = std::min(end - t0, kTile);
+                // One conversion per tile, shared by all rows and heads of the item. K is stored
+                // transposed (k_t[i][t]) so that scores are one GEMM over the tile, as upstream's tiled
+                // flash attention does; missing keys of a short tile are zero (and masked below).
+                for (int64_t t = 0; t < kTile; t++) {
+                    if (t < nt) {
+                        const char * kr = (const char *) k->data + (t0 + t) * k->nb[1] + g * k->nb[2];
+                        const char * vr = (const char *) v->data + (t0 + t) * v->nb[1] + g * v->nb[2];
+                        if (k->type == GGML_TYPE_F16) {
+                            for (int64_t i = 0; i < dk; i++) {
+                                w.k_t[i * kTile + t] = GGML_CPU_FP16_TO_FP32(((const ggml_fp16_t *) kr)[i]);
+                            }
+                            ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) vr, w.v + t * dv, dv);
+                        } else {
+                            for (int64_t i = 0; i < dk; i++) {
+                                w.k_t[i * kTile + t] = ((const float *) kr)[i];
+                            }
+                            memcpy(w.v + t * dv, vr, sizeof(float) * dv);
+                        }
                     } else {
-                        memcpy(k_tile + (j - t0) * dk, kr, sizeof(float) * dk);
-                        memcpy(v_tile + (j - t0) * dv, vr, sizeof(float) * dv);
+                        for (int64_t i = 0; i < dk; i++) {
+                            w.k_t[i * kTile + t] = 0.0f;
+                        }
+                        memset(w.v + t * dv, 0, sizeof(float) * dv);
                     }
                 }
+                // Mask of each query row over the tile (the row's own mask, causal, and -inf padding).
                 for (int64_t r = r0; r < r1; r++) {
-                    const int64_t kend = std::min<int64_t>(t1, (int64_t) pos[r] + 1);  // causal inside the tile
-                    if (kend <= t0) {
+                    float * mrow = w.mask + (r - r0) * nh * kTile;
+                    const int64_t visible = std::min<int64_t>(nt, (int64_t) pos[r] + 1 - t0);
+                    if (visible > 0) {
+                        const ggml_fp16_t * src =
+                            (const ggml_fp16_t *) ((const char *) mask->data + r * mask->nb[1]) + t0;
+                        ggml_cpu_fp16_to_fp32(src, mrow, visible);
+                    }
+                    std::fill(mrow + std::max<int64_t>(visible, 0), mrow + kTile, -INFINITY);
+                    for (int64_t hh = 1; hh < nh; hh++) {
+                        memcpy(mrow + hh * kTile, mrow, sizeof(float) * kTile);
+                    }
+                }
+                memset(w.kq, 0, sizeof(float) * M * kTile);
+                simd_gemm(w.kq, w.q, w.k_t, (int) M, (int) dk, (int) kTile);
+                ggml_vec_scale_f32((int) (M * kTile), w.kq, scale);
+                if (softcap > 0.0f) {
+                    ggml_vec_tanh_f32((int) (M * kTile), w.kq, w.kq);
+                    ggml_vec_scale_f32((int) (M * kTile), w.kq, softcap);
+                }
+                ggml_vec_add_f32((int) (M * kTile), w.kq, w.kq, w.mask);
+                // Online softmax, row by row; a row whose tile is fully masked contributes nothing.
+                for (int64_t m = 0; m < M; m++) {
+                    float * row = w.kq + m * kTile;
+                    float tile_max;
+                    ggml_vec_max_f32((int) kTile, &tile_max, row);
+                    if (tile_max == -INFINITY) {
+                        memset(row, 0, sizeof(float) * kTile);
                         continue;
                     }
-                    const ggml_fp16_t * mrow = (const ggml_fp16_t *) ((const char *) mask->data + r * mask->nb[1]);
-                    for (int64_t hh = 0; hh < nh; hh++) {
-                        const int64_t h  = h0 + hh;
-                        const float * qr = (const float *) ((const char *) q->data + r * q->nb[1] + h * q->nb[2]);
-                        const int64_t s  = (r - r0) * nh + hh;
-                        float tile_max   = -INFINITY;
-                        for (int64_t j = t0; j < kend; j++) {
-                            float dot;
-                            ggml_vec_dot_f32((int) dk, &dot, 0, k_tile + (j - t0) * dk, 0, qr, 0, 1);
-                            float x = dot * scale;
-                            if (softcap > 0.0f) {
-                                x = softcap * tanhf(x);
-                            }
-                            x += GGML_CPU_FP16_TO_FP32(mrow[j]);
-                            scores[j - t0] = x;
-                            tile_max       = std::max(tile_max, x);
-                        }
-                        if (tile_max == -INFINITY) {
-                            continue;  // every key of the tile is masked for this row
-                        }
-                        float * a = acc + s * dv;
-                        if (tile_max > m_run[s]) {
-                            const float correction = expf(m_run[s] - tile_max);
-                            ggml_vec_scale_f32((int) dv, a, correction);
-                            l_run[s] *= correction;
-                            m_run[s] = tile_max;
-                        }
-                        for (int64_t j = t0; j < kend; j++) {
-                            const float e = expf(scores[j - t0] - m_run[s]);
-                            if (e == 0.0f) {
-                                continue;
-                            }
-                            l_run[s] += e;
-                            ggml_vec_mad_f32((int) dv, a, v_tile + (j - t0) * dv, e);
-                        }
+                    if (tile_max > w.m_run[m]) {
+                        const float correction = expf(w.m_run[m] - tile_max);
+                        ggml_vec_scale_f32((int) dv, w.acc + m * dv, correction);
+                        w.l_run[m] *= correction;
+                        w.m_run[m] = tile_max;
                     }
+                    w.l_run[m] += (float) ggml_vec_soft_max_f32((int) kTile, row, row, w.m_run[m]);
                 }
+                simd_gemm(w.acc, w.kq, w.v, (int) M, (int) kTile, (int) dv);
             }
         }
         // Normalise and store in flash_attn_ext's layout [dv, H, n_q]; count the pairs for the density.
@@ -401,11 +434,12 @@ void ggml_compute_forward_dhsa_attn(const struct ggml_compute_params * params, s
                 computed += std::max<int64_t>(0, std::min<int64_t>(slot[2 + 2 * ri], (int64_t) pos[r] + 1) - slot[1 + 2 * ri]);
             }
             for (int64_t hh = 0; hh < nh; hh++) {
-                const int64_t s = (r - r0) * nh + hh;
+                const int64_t m = (r - r0) * nh + hh;
                 float * out = (float *) ((char *) dst->data + r * dst->nb[2] + (h0 + hh) * dst->nb[1]);
-                if (l_run[s] > 0.0f) {
+                if (w.l_run[m] > 0.0f) {
+                    const float inv = 1.0f / w.l_run[m];
                     for (int64_t i = 0; i < dv; i++) {
-                        out[i] = acc[s * dv + i] / l_run[s];
+                        out[i] = w.acc[m * dv + i] * inv;
                     }
                 } else {
                     memset(out, 0, sizeof(float) * dv);
