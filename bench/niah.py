@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Needle-in-a-Haystack grid (lengths x depths x methods).
 
-Same flags as `pydhsa niah`; see `--help` and bench/EVALS.md (or bench/README.md).
+Same flags as `pydhsa niah`; see `--help` and bench/README.md.
 The work is done by pydhsa.evals; this script only makes it runnable from a source checkout.
 """
 import sys

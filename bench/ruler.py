@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """RULER-style synthetic tasks (multikey, multivalue, vartrack) x lengths x methods.
 
-Same flags as `pydhsa ruler`; see `--help` and bench/EVALS.md (or bench/README.md).
+Same flags as `pydhsa ruler`; see `--help` and bench/README.md.
 The work is done by pydhsa.evals; this script only makes it runnable from a source checkout.
 """
 import sys

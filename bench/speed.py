@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Speed and peak memory, dense versus DHSA, each configuration in a fresh process.
 
-Same flags as `pydhsa bench`; see `--help` and bench/EVALS.md (or bench/README.md).
+Same flags as `pydhsa bench`; see `--help` and bench/README.md.
 The work is done by pydhsa.evals; this script only makes it runnable from a source checkout.
 """
 import sys
