@@ -232,6 +232,42 @@ def test_logits_match_transformers(checkpoints, converted, arch, outtype):
     assert ref[int(np.argmax(got))] >= ref.max() - 2 * REL_TOL[outtype] * scale
 
 
+@pytest.mark.parametrize("layers", ["global", "all"])
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_dhsa_budget_one_matches_transformers(checkpoints, converted, arch, layers):
+    """DHSA at budget 1 through the engine's DHSA kernel (soft-capping included for Gemma 2, the
+    sliding window kept exact by the mask with layers=all) equals transformers' dense attention."""
+    from pydhsa import Model
+    from pydhsa.dhsa_params import DhsaConfig
+
+    ck = checkpoints[arch]
+    cfg = DhsaConfig(budget=1.0, min_context=0, layers=layers, dense_tail=0)
+    with Model(converted(arch, "f32")) as m:
+        with m.session(n_ctx=256, n_threads=2, dhsa=cfg) as s:
+            s.prefill(ck["ids"])
+            got = s.logits()
+            density = s.dhsa_density()
+    expected_layers = [0, 1, 2, 3] if layers == "all" else [1, 3]  # every 2nd layer is global
+    assert sorted(density.per_layer) == expected_layers and density.overall == pytest.approx(1.0)
+    ref = ck["ref"]
+    scale = float(np.abs(ref).max())
+    assert float(np.abs(got - ref).max()) <= REL_TOL["f32"] * scale
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_dhsa_sparse_runs_on_tiny_models(checkpoints, converted, arch):
+    from pydhsa import Model
+    from pydhsa.dhsa_params import DhsaConfig
+
+    cfg = DhsaConfig(budget=0.3, min_context=0, chunk_min=4, chunk_avg=8, chunk_max=16, q_block=16, sink_tokens=4,
+                     local_tokens=8, dense_tail=0)
+    with Model(converted(arch, "f32")) as m:
+        with m.session(n_ctx=256, n_threads=2, dhsa=cfg) as s:
+            s.prefill(checkpoints[arch]["ids"])
+            assert np.isfinite(s.logits()).all()
+            assert s.dhsa_density().overall < 0.8
+
+
 @pytest.mark.parametrize("source", ["tokenizer.model", "tokenizer.json"])
 def test_tokenization_matches_hf(checkpoints, tmp_path, source, capsys):
     from pydhsa import Model
