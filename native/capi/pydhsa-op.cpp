@@ -5,6 +5,7 @@
 
 #include "pydhsa.h"
 
+#include "ggml-cpu-dhsa.h"
 #include "ggml-cpu.h"
 #include "ggml-dhsa.h"
 #include "ggml.h"
@@ -171,6 +172,7 @@ extern "C" int32_t pydhsa_op_attention(int32_t mode, const pydhsa_dhsa_params * 
     if (elapsed_ms) {
         *elapsed_ms = now_ms() - t0;
     }
+    ggml_dhsa_runtime_release_cache(&rt);
     memcpy(out, result->data, sizeof(float) * (size_t) n_q * n_head * d);  // [d, H, n_q] == [n_q][H][d]
     if (sel) {
         const int64_t n = ggml_nelements(sel);

@@ -7,6 +7,7 @@
 
 #include "pydhsa.h"
 
+#include "ggml-cpu-dhsa.h"
 #include "ggml-dhsa.h"
 #include "llama-dhsa.h"
 #include "llama.h"
@@ -463,6 +464,9 @@ void pydhsa_session_free(pydhsa_session * session) {
         return;
     }
     llama_free(session->ctx);
+    if (session->dhsa) {
+        ggml_dhsa_runtime_release_cache(session->dhsa);
+    }
     delete session->dhsa;
     delete session;
 }
@@ -473,6 +477,9 @@ int32_t pydhsa_session_reset(pydhsa_session * session, pydhsa_error * err) {
     }
     llama_memory_clear(llama_get_memory(session->ctx), /*data=*/true);
     session->n_past = 0;
+    if (session->dhsa) {
+        ggml_dhsa_runtime_release_cache(session->dhsa);  // memory only: stale entries would not match anyway
+    }
     return ok(err);
 }
 

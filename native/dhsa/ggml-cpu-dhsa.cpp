@@ -19,6 +19,7 @@
 #include "vec.h"
 
 #include <algorithm>
+#include <vector>
 #include <cmath>
 #include <cstring>
 
@@ -65,7 +66,7 @@ dhsa_params to_select_params(const dhsa_runtime * rt) {
 
 // Geometry shared by the selection forward and its work-size estimate.
 struct select_geometry {
-    int64_t n_q, n_kv, n_head_kv, d, n_blocks, n_seg, max_chunks, max_ranges, slot_size;
+    int64_t n_q, n_kv, n_head_kv, d, n_blocks, n_seg, seg_chunks, max_chunks, max_ranges, slot_size;
     size_t  seg_rows;  // keys converted per segment: the segment and the keysim window before it
 
     explicit select_geometry(const ggml_tensor * node) {
@@ -78,7 +79,8 @@ struct select_geometry {
         d          = k->ne[0];
         n_blocks   = (n_q + rt->q_block - 1) / rt->q_block;
         n_seg      = (n_kv + DHSA_SEGMENT - 1) / DHSA_SEGMENT;
-        max_chunks = n_kv / std::max(1, std::min(rt->chunk_min, rt->chunk_avg)) + n_seg + 2;
+        seg_chunks = DHSA_SEGMENT / std::max(1, std::min(rt->chunk_min, rt->chunk_avg)) + 3;
+        max_chunks = n_seg * seg_chunks;  // Kc is filled segment by segment, then compacted
         max_ranges = ggml_dhsa_max_ranges(n_kv, rt);
         slot_size  = 1 + 2 * max_ranges;
         seg_rows   = (size_t) DHSA_SEGMENT + (size_t) std::max(rt->window, 0);
@@ -173,7 +175,63 @@ void write_dense_slots(const select_geometry & g, const int32_t * pos, int32_t q
     }
 }
 
+// What a complete segment's selection inputs were computed from, and the results: a segment's keys
+// never change while its cells hold the same tokens, so its cuts and chunk representations are reused
+// by later calls (decode reads only the open tail and the chunk summaries, not every cached key).
+struct segment_entry {
+    uint64_t fingerprint = 0;
+    bool valid = false;
+    std::vector<int32_t> cuts;  // boundaries in (seg0, seg1]
+    std::vector<float> kc;      // [chunk][head][d]
+};
+
+struct segment_cache {
+    std::vector<segment_entry> layers[DHSA_MAX_LAYERS];
+};
+
+// FNV-1a over the first 16 bytes of every (key, head) of the segment and the chunking parameters: any
+// rewrite of the segment's cells (cache cleared and refilled, sequence removed, context shifted: RoPE
+// changes every key) changes it, at a cost of 1/16 of reading the keys for a 256-wide f16 head.
+uint64_t segment_fingerprint(const ggml_tensor * k, int64_t seg0, int64_t seg1, const dhsa_params & p) {
+    uint64_t h = 1469598103934665603ull;
+    auto mix = [&h](const void * data, size_t n) {
+        for (size_t i = 0; i < n; i++) {
+            h = (h ^ ((const uint8_t *) data)[i]) * 1099511628211ull;
+        }
+    };
+    const int32_t shape[6] = { p.boundary, p.chunk_min, p.chunk_max, p.chunk_avg, p.window, (int32_t) k->type };
+    mix(shape, sizeof(shape));
+    const size_t row_bytes = std::min<size_t>(16, ggml_row_size(k->type, k->ne[0]));
+    for (int64_t j = seg0; j < seg1; j++) {
+        for (int64_t hd = 0; hd < k->ne[2]; hd++) {
+            mix((const char *) k->data + j * k->nb[1] + hd * k->nb[2], row_bytes);
+        }
+    }
+    return h;
+}
+
+// Chunk representations of the chunks between consecutive cuts [start, cuts...] into kc.
+bool chunk_reprs_of(const ggml_tensor * k, int64_t start, const int32_t * cuts, int32_t n_cuts, float * keys,
+                    float * kc) {
+    const int64_t per_chunk = k->ne[2] * k->ne[0];
+    int64_t c0 = start;
+    for (int32_t i = 0; i < n_cuts; i++) {
+        const dhsa_tensor K = key_rows_f32(k, c0, cuts[i], keys);
+        const int32_t zero_len[2] = { 0, (int32_t) (cuts[i] - c0) };
+        if (dhsa_chunk_reprs(&K, zero_len, 1, kc + i * per_chunk) != DHSA_OK) {
+            return false;
+        }
+        c0 = cuts[i];
+    }
+    return true;
+}
+
 }  // namespace
+
+void ggml_dhsa_runtime_release_cache(struct dhsa_runtime * rt) {
+    delete (segment_cache *) rt->segment_cache;
+    rt->segment_cache = nullptr;
+}
 
 // Per-thread scratch of the attention kernel for one work item of up to `rows` query rows x heads:
 // the gathered queries, one K tile (transposed) and one V tile in f32, the tile's scores and mask, and
@@ -251,19 +309,53 @@ void ggml_compute_forward_dhsa_select(const struct ggml_compute_params * params,
     const int64_t n_eff = sparse ? q_pos0 + g.n_q : 0;  // keys that exist: the cells up to the last query
     const dhsa_params p = to_select_params(rt);
 
-    // Phase 2: boundaries, one aligned segment per work item.
+    // Phase 2: boundaries and chunk representations, one aligned segment per work item. Complete
+    // segments come from the cache when their keys are unchanged; each segment's representations go
+    // to its own slot of Kc (compacted below), so this phase needs no coordination between threads.
     const int64_t n_seg_eff = (n_eff + DHSA_SEGMENT - 1) / DHSA_SEGMENT;
+    const int64_t kc_per_chunk = g.n_head_kv * g.d;
+    if (ith == 0 && n_seg_eff > 0) {
+        if (!rt->segment_cache) {
+            op.rt->segment_cache = new segment_cache;
+        }
+        auto & entries = ((segment_cache *) rt->segment_cache)->layers[op.il];
+        if ((int64_t) entries.size() < n_seg_eff) {
+            entries.resize(n_seg_eff);
+        }
+    }
+    ggml_barrier(params->threadpool);
     for (int64_t s = ith; s < n_seg_eff; s += nth) {
         int32_t * seg_out = seg_bounds + s * g.seg_bounds_ints();
+        float *   seg_kc  = Kc + s * g.seg_chunks * kc_per_chunk;
         const int64_t seg0 = s * DHSA_SEGMENT, seg1 = std::min(n_eff, seg0 + DHSA_SEGMENT);
-        if (!segment_bounds(p, k, seg0, seg1, keys, keysim_work, keysim_work_size, seg_out)) {
+        const bool complete = seg1 - seg0 == DHSA_SEGMENT;
+        segment_entry * entry = complete ? &((segment_cache *) rt->segment_cache)->layers[op.il][s] : nullptr;
+        const uint64_t fp = complete ? segment_fingerprint(k, seg0, seg1, p) : 0;
+        if (entry && entry->valid && entry->fingerprint == fp) {
+            seg_out[0] = (int32_t) entry->cuts.size();
+            std::copy(entry->cuts.begin(), entry->cuts.end(), seg_out + 1);
+            std::copy(entry->kc.begin(), entry->kc.end(), seg_kc);
+            continue;
+        }
+        if (!segment_bounds(p, k, seg0, seg1, keys, keysim_work, keysim_work_size, seg_out) ||
+            seg_out[0] > g.seg_chunks || !chunk_reprs_of(k, seg0, seg_out + 1, seg_out[0], keys, seg_kc)) {
             seg_out[0] = -1;
+            if (entry) {
+                entry->valid = false;
+            }
+            continue;
+        }
+        if (entry) {
+            entry->fingerprint = fp;
+            entry->cuts.assign(seg_out + 1, seg_out + 1 + seg_out[0]);
+            entry->kc.assign(seg_kc, seg_kc + (size_t) seg_out[0] * kc_per_chunk);
+            entry->valid = true;
         }
     }
     ggml_barrier(params->threadpool);
 
-    // Phase 3 (thread 0): concatenate the boundaries, build the representations, select the ranges. It
-    // is a small part of the op (O(n_kv d / chunk) dot products), so one thread keeps it simple.
+    // Phase 3 (thread 0): concatenate boundaries and representations, select the ranges. It is a small
+    // part of the op (one dot product per chunk and query block), so one thread keeps it simple.
     if (ith == 0) {
         int32_t n_bounds = 0;
         bounds[n_bounds++] = 0;
@@ -273,21 +365,15 @@ void ggml_compute_forward_dhsa_select(const struct ggml_compute_params * params,
                 sparse = false;
                 break;
             }
+            // Kc of segment s moves down to follow the chunks before it (never upwards: memmove).
+            memmove(Kc + (size_t) (n_bounds - 1) * kc_per_chunk, Kc + s * g.seg_chunks * kc_per_chunk,
+                    sizeof(float) * (size_t) seg_out[0] * kc_per_chunk);
             for (int32_t i = 0; i < seg_out[0]; i++) {
                 bounds[n_bounds++] = seg_out[1 + i];
             }
         }
         const int32_t n_chunks = n_bounds - 1;
         bool ok = sparse && n_chunks >= 1 && n_chunks <= g.max_chunks;
-        if (ok) {
-            // Chunk representations straight from the cache rows: f16 -> f32 is exact, so summing the
-            // converted values in key order is the reference's float32 sum.
-            for (int32_t c = 0; c < n_chunks && ok; c++) {
-                const dhsa_tensor K = key_rows_f32(k, bounds[c], bounds[c + 1], keys);
-                const int32_t zero_one[2] = { 0, bounds[c + 1] - bounds[c] };
-                ok = dhsa_chunk_reprs(&K, zero_one, 1, Kc + (size_t) c * g.n_head_kv * g.d) == DHSA_OK;
-            }
-        }
         if (ok) {
             const dhsa_tensor Q{ (const float *) q->data, (int32_t) g.n_q, (int32_t) q->ne[2], (int32_t) g.d,
                                  (int64_t) (q->nb[1] / sizeof(float)), (int64_t) (q->nb[2] / sizeof(float)) };

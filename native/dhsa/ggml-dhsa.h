@@ -48,6 +48,9 @@ struct dhsa_runtime {
     // statistics, accumulated by the attention kernel (atomically): computed and causal query-key pairs
     int64_t pairs_computed[DHSA_MAX_LAYERS];
     int64_t pairs_causal[DHSA_MAX_LAYERS];
+    // boundaries and chunk representations of complete segments, kept between calls by the CPU kernel
+    // (created on first use; release with ggml_dhsa_runtime_release_cache)
+    void * segment_cache;
 };
 
 GGML_API struct ggml_tensor * ggml_dhsa_select(struct ggml_context * ctx, struct ggml_tensor * q, struct ggml_tensor * k,
