@@ -425,6 +425,7 @@ void ggml_compute_forward_dhsa_attn(const struct ggml_compute_params * params, s
         const int64_t g  = h0 / group;
         const int64_t r0 = b * q_block, r1 = std::min(n_q, r0 + q_block);
         const int64_t M  = (r1 - r0) * nh;  // score-matrix rows: (query row, head) pairs, row-major
+        const bool few_rows = M <= 8;       // decode: dot products beat a GEMM on a transposed tile
         const int32_t * slot = slots + (b * n_head_kv + g) * slot_size;
 
         // Gather the item's queries: row m = (r - r0) * nh + hh.
@@ -446,27 +447,41 @@ void ggml_compute_forward_dhsa_attn(const struct ggml_compute_params * params, s
             const int64_t start = slot[1 + 2 * ri], end = std::min<int64_t>(slot[2 + 2 * ri], pe + 1);
             for (int64_t t0 = start; t0 < end; t0 += kTile) {
                 const int64_t nt = std::min(end - t0, kTile);
-                // One conversion per tile, shared by all rows and heads of the item. K is stored
-                // transposed (k_t[i][t]) so that scores are one GEMM over the tile, as upstream's tiled
-                // flash attention does; missing keys of a short tile are zero (and masked below).
+                // One conversion per tile, shared by all rows and heads of the item. With many score rows
+                // (prefill) K is stored transposed (k_t[i][t]) so that scores are one GEMM over the tile, as
+                // upstream's tiled flash attention does; with a few (decode) K stays row-major, converted
+                // with SIMD, and each score is one dot product. Missing keys of a short tile are zero (and
+                // masked below).
                 for (int64_t t = 0; t < kTile; t++) {
                     if (t < nt) {
                         const char * kr = (const char *) k->data + (t0 + t) * k->nb[1] + g * k->nb[2];
                         const char * vr = (const char *) v->data + (t0 + t) * v->nb[1] + g * v->nb[2];
                         if (k->type == GGML_TYPE_F16) {
-                            for (int64_t i = 0; i < dk; i++) {
-                                w.k_t[i * kTile + t] = GGML_CPU_FP16_TO_FP32(((const ggml_fp16_t *) kr)[i]);
+                            if (few_rows) {
+                                ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) kr, w.k_t + t * dk, dk);
+                            } else {
+                                for (int64_t i = 0; i < dk; i++) {
+                                    w.k_t[i * kTile + t] = GGML_CPU_FP16_TO_FP32(((const ggml_fp16_t *) kr)[i]);
+                                }
                             }
                             ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) vr, w.v + t * dv, dv);
                         } else {
-                            for (int64_t i = 0; i < dk; i++) {
-                                w.k_t[i * kTile + t] = ((const float *) kr)[i];
+                            if (few_rows) {
+                                memcpy(w.k_t + t * dk, kr, sizeof(float) * dk);
+                            } else {
+                                for (int64_t i = 0; i < dk; i++) {
+                                    w.k_t[i * kTile + t] = ((const float *) kr)[i];
+                                }
                             }
                             memcpy(w.v + t * dv, vr, sizeof(float) * dv);
                         }
                     } else {
-                        for (int64_t i = 0; i < dk; i++) {
-                            w.k_t[i * kTile + t] = 0.0f;
+                        if (few_rows) {
+                            memset(w.k_t + t * dk, 0, sizeof(float) * dk);
+                        } else {
+                            for (int64_t i = 0; i < dk; i++) {
+                                w.k_t[i * kTile + t] = 0.0f;
+                            }
                         }
                         memset(w.v + t * dv, 0, sizeof(float) * dv);
                     }
@@ -485,8 +500,16 @@ void ggml_compute_forward_dhsa_attn(const struct ggml_compute_params * params, s
                         memcpy(mrow + hh * kTile, mrow, sizeof(float) * kTile);
                     }
                 }
-                memset(w.kq, 0, sizeof(float) * M * kTile);
-                simd_gemm(w.kq, w.q, w.k_t, (int) M, (int) dk, (int) kTile);
+                if (few_rows) {
+                    for (int64_t m = 0; m < M; m++) {
+                        for (int64_t t = 0; t < kTile; t++) {
+                            ggml_vec_dot_f32((int) dk, w.kq + m * kTile + t, 0, w.k_t + t * dk, 0, w.q + m * dk, 0, 1);
+                        }
+                    }
+                } else {
+                    memset(w.kq, 0, sizeof(float) * M * kTile);
+                    simd_gemm(w.kq, w.q, w.k_t, (int) M, (int) dk, (int) kTile);
+                }
                 ggml_vec_scale_f32((int) (M * kTile), w.kq, scale);
                 if (softcap > 0.0f) {
                     ggml_vec_tanh_f32((int) (M * kTile), w.kq, w.kq);
