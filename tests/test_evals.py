@@ -315,7 +315,7 @@ def _png(path: Path) -> bool:
 
 
 def test_heatmaps_written(tmp_path):
-    pytest.importorskip("matplotlib")
+    import matplotlib  # noqa: F401  (the test extra installs it: a missing plotter is a failure)
     meta = {"model": {"file": "fake.gguf"}}
     s = evals.write_summary(tmp_path, _fake_records(), meta, "niah")
     for name in ("heatmap-dense.png", "heatmap-dhsa_0.3.png", "heatmap-fixed_0.3.png", "heatmaps.png"):
@@ -327,7 +327,7 @@ def test_heatmaps_written(tmp_path):
 
 
 def test_ruler_plots_written(tmp_path):
-    pytest.importorskip("matplotlib")
+    import matplotlib  # noqa: F401  (the test extra installs it: a missing plotter is a failure)
     recs = [{**_rec(m, L, None, ok, budget=b), "task": t}
             for t in ("multikey", "vartrack") for L in (1024, 2048)
             for m, b, ok in (("dense", None, True), ("dhsa@0.3[min_context=0]", 0.3, L == 1024))]
@@ -448,21 +448,13 @@ def test_speed_suite_with_a_fake_worker(tmp_path):
     assert row["repeats"] == 2
     assert data["meta"]["threads"] == 2 and "system_info" in data["meta"] and "machine" in data["meta"]
     assert "| 2048 | dhsa@0.3 |" in (out / "speed.md").read_text()
-    if _has_matplotlib():
-        assert _png(out / "speed.png")
+    assert _png(out / "speed.png")
     # --resume continues the same run: nothing left to do
     more = []
     evals.run_speed(_speed_args(tmp_path, "--lengths", "2048,1024", "--methods", "dhsa:0.3", "--repeats", "2",
                                 "--resume"), spawn=_fake_spawn(more))
     assert more == []
 
-
-def _has_matplotlib() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-        return True
-    except ImportError:
-        return False
 
 
 def test_speed_summary_medians():
