@@ -229,6 +229,18 @@ class _MappedInput:
         self.close()
 
 
+def fsync_directory(d: str | os.PathLike[str]) -> None:
+    """Make a rename inside `d` durable; not fatal where a directory cannot be fsynced."""
+    try:
+        dfd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
 def inspect_gguf(path: str | os.PathLike[str]) -> GgufLayout:
     """Parse the header, KV section and tensor infos of a GGUF file (fast, read-only).
 
@@ -550,14 +562,7 @@ def _write_atomically(dst: str, meta: bytes, mm, data_start: int, data_size: int
         except OSError as e:
             what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
             raise ConvertIOError(f"cannot write output {dst}: {what}") from e
-        try:  # make the rename durable; not fatal if the directory cannot be fsynced
-            dfd = os.open(d, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
+        fsync_directory(d)
     finally:
         if not ok:
             prog.abort()

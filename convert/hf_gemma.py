@@ -58,6 +58,7 @@ from .gguf_dhsa import (
     _isatty,
     _Progress,
     _umask,
+    fsync_directory,
 )
 from pydhsa.dhsa_params import (
     PARAMS,
@@ -1256,14 +1257,7 @@ def convert_hf(
                 os.unlink(tmp)
             except OSError:
                 pass
-    try:  # make the rename durable; not fatal if the directory cannot be fsynced
-        dfd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    fsync_directory(d)
     return HfConvertResult(src=src, dst=dst, arch=hp.arch, outtype=outtype, n_tensors=len(plan),
                            n_bytes=total, n_vocab=len(vocab.tokens), dhsa=dhsa, hparams=hp,
                            notes=notes)
