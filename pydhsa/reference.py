@@ -407,18 +407,11 @@ def sparse_attention(Q: np.ndarray, K: np.ndarray, V: np.ndarray, ranges: RangeL
 
 def dense_attention(Q: np.ndarray, K: np.ndarray, V: np.ndarray, q_pos0: int, scale: float,
                     softcap: float = 0.0) -> np.ndarray:
-    """Causal dense attention (query at pos p sees keys 0..p), float64. O [n_q, H, d_v]."""
-    Q = np.asarray(Q, np.float64)
-    K = np.asarray(K, np.float64)
-    V = np.asarray(V, np.float64)
-    n_q, H, _ = Q.shape
-    G = H // K.shape[1]
-    O = np.zeros((n_q, H, V.shape[2]))
-    for r in range(n_q):
-        p = q_pos0 + r
-        for h in range(H):
-            O[r, h] = _row_attention(Q[r, h], K[:p + 1, h // G], V[:p + 1, h // G], scale, softcap)
-    return O
+    """Causal dense attention (query at pos p sees keys 0..p), float64. O [n_q, H, d_v].
+    Sparse attention with every key selected: one block whose range covers all keys (rows clip causally)."""
+    n_q, n_head_kv = np.shape(Q)[0], np.shape(K)[1]
+    everything = [[[(0, q_pos0 + n_q)] for _ in range(n_head_kv)]]
+    return sparse_attention(Q, K, V, everything, q_pos0, max(n_q, 1), scale, softcap)
 
 
 def attention_density(ranges: RangeLists, n_q: int, q_pos0: int, q_block: int) -> float:
