@@ -229,6 +229,12 @@ class _MappedInput:
         self.close()
 
 
+def write_error(dst: str | os.PathLike[str], e: OSError) -> ConvertIOError:
+    """The error for an OSError while writing the output (a full disk named as such)."""
+    what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    return ConvertIOError(f"cannot write output {dst}: {what}")
+
+
 def fsync_directory(d: str | os.PathLike[str]) -> None:
     """Make a rename inside `d` durable; not fatal where a directory cannot be fsynced."""
     try:
@@ -560,8 +566,7 @@ def _write_atomically(dst: str, meta: bytes, mm, data_start: int, data_size: int
         except ConvertError:
             raise
         except OSError as e:
-            what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-            raise ConvertIOError(f"cannot write output {dst}: {what}") from e
+            raise write_error(dst, e) from e
         fsync_directory(d)
     finally:
         if not ok:
@@ -627,20 +632,12 @@ def run_convert(args: argparse.Namespace, stdout: TextIO | None = None,
         err.write("error: --outtype applies only to a Hugging Face checkpoint folder; a GGUF "
                   "input keeps its tensor types\n")
         return 2
-    try:
-        res = convert_gguf(args.input, args.output, set_values=cli_values(args),
-                           remove=getattr(args, "remove_dhsa", False),
-                           write_defaults=getattr(args, "write_defaults", False),
-                           progress=getattr(args, "progress", None), progress_stream=err)
-    except ConvertIOError as e:
-        err.write(f"error: {e}\n")
-        return 1
-    except (ConvertError, DhsaParamError, GgufFormatError) as e:
-        err.write(f"error: {e}\n")
-        return 2
-    except OSError as e:
-        err.write(f"error: {e}\n")
-        return 1
+    res, status = _reporting_errors(err, lambda: convert_gguf(
+        args.input, args.output, set_values=cli_values(args), remove=getattr(args, "remove_dhsa", False),
+        write_defaults=getattr(args, "write_defaults", False), progress=getattr(args, "progress", None),
+        progress_stream=err))
+    if res is None:
+        return status
     if not getattr(args, "quiet", False):
         parts = []
         if res.written:
@@ -655,23 +652,27 @@ def run_convert(args: argparse.Namespace, stdout: TextIO | None = None,
     return 0
 
 
+def _reporting_errors(err: TextIO, convert: Any) -> tuple[Any, int]:
+    """Run one conversion; on failure write one ``error: ...`` line and give the exit status:
+    2 for bad input, 1 when the output could not be written."""
+    try:
+        return convert(), 0
+    except (ConvertError, DhsaParamError, GgufFormatError, OSError) as e:
+        bad_input = isinstance(e, (ConvertError, DhsaParamError, GgufFormatError)) \
+            and not isinstance(e, ConvertIOError)
+        err.write(f"error: {e}\n")
+        return None, 2 if bad_input else 1
+
+
 def _run_convert_hf(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """``run_convert`` for a Hugging Face checkpoint folder (see convert.hf_gemma)."""
     from .hf_gemma import DEFAULT_OUTTYPE, convert_hf
-    try:
-        res = convert_hf(args.input, args.output, outtype=getattr(args, "outtype", None)
-                         or DEFAULT_OUTTYPE, set_values=cli_values(args),
-                         write_defaults=getattr(args, "write_defaults", False),
-                         progress=getattr(args, "progress", None), progress_stream=err)
-    except ConvertIOError as e:
-        err.write(f"error: {e}\n")
-        return 1
-    except (ConvertError, DhsaParamError, GgufFormatError) as e:
-        err.write(f"error: {e}\n")
-        return 2
-    except OSError as e:
-        err.write(f"error: {e}\n")
-        return 1
+    res, status = _reporting_errors(err, lambda: convert_hf(
+        args.input, args.output, outtype=getattr(args, "outtype", None) or DEFAULT_OUTTYPE,
+        set_values=cli_values(args), write_defaults=getattr(args, "write_defaults", False),
+        progress=getattr(args, "progress", None), progress_stream=err))
+    if res is None:
+        return status
     if not getattr(args, "quiet", False):
         parts = [f"{res.arch}, {res.n_tensors} tensors ({res.outtype}), {res.n_vocab} tokens"]
         if res.dhsa:

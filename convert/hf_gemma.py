@@ -39,7 +39,6 @@ Errors: ``ConvertError`` subclasses (bad input; exit status 2 through the CLI) a
 """
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -59,6 +58,7 @@ from .gguf_dhsa import (
     _Progress,
     _umask,
     fsync_directory,
+    write_error,
 )
 from pydhsa.dhsa_params import (
     PARAMS,
@@ -1243,8 +1243,7 @@ def convert_hf(
         except ConvertError:
             raise
         except OSError as e:
-            what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-            raise ConvertIOError(f"cannot write output {dst}: {what}") from e
+            raise write_error(dst, e) from e
     finally:
         if writer is not None:
             try:
