@@ -11,6 +11,7 @@
 
 #include "ggml-cpu-dhsa.h"
 
+#include "dhsa-runtime-params.h"
 #include "dhsa-select.h"
 #include "ggml-cpu-impl.h"
 #include "ggml-cpu.h"
@@ -32,45 +33,13 @@ size_t align_up(size_t n) {
     return (n + kAlign - 1) & ~(kAlign - 1);
 }
 
-struct op_params_view {
-    dhsa_runtime * rt;
-    int32_t        il;
-    float          scale;
-    float          softcap;
-};
-
-op_params_view read_params(const ggml_tensor * t) {
-    op_params_view p;
-    memcpy(&p.rt, t->op_params, sizeof(p.rt));
-    p.il = t->op_params[2];
-    memcpy(&p.scale, &t->op_params[3], sizeof(float));
-    memcpy(&p.softcap, &t->op_params[4], sizeof(float));
-    return p;
-}
-
-dhsa_params to_select_params(const dhsa_runtime * rt) {
-    dhsa_params p;
-    dhsa_params_default(&p);
-    p.budget       = rt->budget;
-    p.boundary     = rt->boundary;
-    p.chunk_min    = rt->chunk_min;
-    p.chunk_max    = rt->chunk_max;
-    p.chunk_avg    = rt->chunk_avg;
-    p.window       = rt->window;
-    p.q_block      = rt->q_block;
-    p.sink_tokens  = rt->sink_tokens;
-    p.local_tokens = rt->local_tokens;
-    p.dense_from   = rt->dense_from;
-    return p;
-}
-
 // Geometry shared by the selection forward and its work-size estimate.
 struct select_geometry {
     int64_t n_q, n_kv, n_head_kv, d, n_blocks, n_seg, seg_chunks, max_chunks, max_ranges, slot_size;
     size_t  seg_rows;  // keys converted per segment: the segment and the keysim window before it
 
     explicit select_geometry(const ggml_tensor * node) {
-        const dhsa_runtime * rt = read_params(node).rt;
+        const dhsa_runtime * rt = dhsa_read_op_params(node).rt;
         const ggml_tensor * q   = node->src[0];
         const ggml_tensor * k   = node->src[1];
         n_q        = q->ne[1];
@@ -264,14 +233,14 @@ size_t ggml_cpu_dhsa_work_size(const struct ggml_tensor * node, int n_tasks) {
         const select_geometry g(node);
         return g.shared_bytes() + g.thread_bytes() * n_tasks + kAlign;
     }
-    const dhsa_runtime * rt = read_params(node).rt;
+    const dhsa_runtime * rt = dhsa_read_op_params(node).rt;
     const int64_t dk = node->src[1]->ne[0], dv = node->src[2]->ne[0];
     const int64_t group = node->src[0]->ne[2] / node->src[1]->ne[2];
     return attn_scratch::bytes((int64_t) rt->q_block * group, dk, dv) * n_tasks + kAlign;
 }
 
 void ggml_compute_forward_dhsa_select(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
-    const op_params_view op = read_params(dst);
+    const dhsa_op_params op = dhsa_read_op_params(dst);
     const dhsa_runtime * rt = op.rt;
     const ggml_tensor * q = dst->src[0], * k = dst->src[1], * mask = dst->src[2];
     const select_geometry g(dst);
@@ -307,7 +276,7 @@ void ggml_compute_forward_dhsa_select(const struct ggml_compute_params * params,
         sparse = pos[r] == q_pos0 + r;
     }
     const int64_t n_eff = sparse ? q_pos0 + g.n_q : 0;  // keys that exist: the cells up to the last query
-    const dhsa_params p = to_select_params(rt);
+    const dhsa_params p = dhsa_params_from_runtime(rt);
 
     // Phase 2: boundaries and chunk representations, one aligned segment per work item. Complete
     // segments come from the cache when their keys are unchanged; each segment's representations go
@@ -390,7 +359,7 @@ void ggml_compute_forward_dhsa_select(const struct ggml_compute_params * params,
 }
 
 void ggml_compute_forward_dhsa_attn(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
-    const op_params_view op = read_params(dst);
+    const dhsa_op_params op = dhsa_read_op_params(dst);
     dhsa_runtime * rt = op.rt;
     const ggml_tensor * q = dst->src[0], * k = dst->src[1], * v = dst->src[2], * mask = dst->src[3];
     const ggml_tensor * sel = dst->src[4];
