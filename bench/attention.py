@@ -15,12 +15,19 @@ repeat runs dense, dhsa and mask back to back (interleaved, so machine noise hit
 shows medians, speedup = median dense / median dhsa of the same configuration and run, and the attention
 density of the selection (computed / causal query-key pairs, from the returned ranges).
 
-Only directly measured times are reported; the selection's own share is not split out (the dhsa op runs
-selection and attention in one graph).
+Only directly measured times are reported. On the CPU the selection's own share is not split out (the dhsa op
+runs selection and attention in one graph); `--modes ...,select` times the selection graph alone.
+
+On a GPU (`--device cuda`, a CUDA build of the engine): each mode is one call that uploads the inputs once and
+runs the graph --warmup + --repeats times; its time is the median of the repeats (synchronous graph
+computations), so the repeats of different modes are not interleaved. The default modes add "select", and the
+table shows the selection's share of the dhsa op's time. The GPU's name, clocks and driver (nvidia-smi, as
+found) are recorded in the JSON. bench/cuda_device.sh runs the issue's grid on a GPU machine.
 
     python bench/attention.py                    # full grid (see bench/README.md for the time it takes)
     python bench/attention.py --quick            # small grid for a smoke test (< 1 minute)
     python bench/attention.py --n-kv 8192 --heads 4/1 --budgets 0.3 --repeats 3
+    python bench/attention.py --device cuda --n-kv 8k,32k,64k,128k --d 128,256 --heads 8/4,16/8 --repeats 20
 
 Progress goes to stderr, the table to stdout, and all raw timings plus machine information to a JSON file
 (default bench/results/attention-<timestamp>.json, written atomically).
@@ -48,8 +55,8 @@ REPO = BENCH_DIR.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 RESULTS_DIR = BENCH_DIR / "results"
-MODES = ("flash", "dhsa", "mask")
-MODE_LABEL = {"flash": "dense", "dhsa": "dhsa", "mask": "mask"}
+MODES = ("flash", "dhsa", "mask", "select")
+MODE_LABEL = {"flash": "dense", "dhsa": "dhsa", "mask": "mask", "select": "select"}
 
 QUICK = dict(n_kv=[2048, 4096], n_q=512, heads=[(4, 1), (8, 4)], budgets=[0.1, 0.3], repeats=3, warmup=1)
 
@@ -236,10 +243,26 @@ def ranges_density(ranges, n_q: int, q_pos0: int, q_block: int) -> float:
 
 
 def time_mode(Q, K, V, mode: str, cfg, threads: int, q_pos0: Optional[int] = None,
-              dense_from: Optional[int] = None):
-    """One run of run_attention; returns the OpResult (elapsed_ms is the engine's compute time)."""
+              dense_from: Optional[int] = None, device: str = "cpu", n_repeat: int = 1):
+    """One call of run_attention; returns the OpResult (elapsed_ms is the engine's compute time, the median
+    of n_repeat runs after a warm-up when n_repeat > 1)."""
     from pydhsa.op import run_attention
-    return run_attention(Q, K, V, mode=mode, config=cfg, q_pos0=q_pos0, n_threads=threads, dense_from=dense_from)
+    return run_attention(Q, K, V, mode=mode, config=cfg, q_pos0=q_pos0, n_threads=threads, dense_from=dense_from,
+                         device=device, n_repeat=n_repeat)
+
+
+def gpu_info() -> Optional[Dict[str, Any]]:
+    """The GPU as nvidia-smi reports it (name, driver, clocks now and at most, power limit), or None."""
+    fields = ["name", "driver_version", "clocks.sm", "clocks.mem", "clocks.max.sm", "clocks.max.mem",
+              "power.limit", "temperature.gpu", "memory.total"]
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0 or not out.stdout.strip():
+        return None
+    return dict(zip(fields, (v.strip() for v in out.stdout.strip().splitlines()[0].split(","))))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -258,11 +281,15 @@ def bench_config(Q, K, V, budget: float, args, cfg_extra: Dict[str, Any]) -> Dic
     sparse = None
     max_diff = None
     outs: Dict[str, np.ndarray] = {}
-    for rep in range(args.warmup + args.repeats):
+    # CPU: interleaved calls (machine noise hits every mode alike). GPU: one call per mode that times its
+    # repeats inside the engine (uploading 128K keys per repeat would dominate the run).
+    gpu = args.device != "cpu"
+    rounds = [(0, args.repeats)] if gpu else [(rep, 1) for rep in range(args.warmup + args.repeats)]
+    for rep, n_repeat in rounds:
         for mode in modes:
-            res = time_mode(Q, K, V, mode, cfg, args.threads)
-            (warm if rep < args.warmup else times)[mode].append(res.elapsed_ms)
-            if mode not in outs:
+            res = time_mode(Q, K, V, mode, cfg, args.threads, device=args.device, n_repeat=n_repeat)
+            (warm if rep < args.warmup and not gpu else times)[mode].append(res.elapsed_ms)
+            if mode not in outs and mode != "select":
                 outs[mode] = res.out
                 if res.ranges is not None and (density is None or mode == "dhsa"):
                     density = ranges_density(res.ranges, n_q, q_pos0, cfg.q_block)
@@ -286,6 +313,8 @@ def bench_config(Q, K, V, budget: float, args, cfg_extra: Dict[str, Any]) -> Dic
         row["speedup_per_repeat"] = [f / s for f, s in zip(times["flash"], times["dhsa"]) if s > 0]
     if "flash" in modes and "mask" in modes:
         row["mask_speedup"] = med["flash"] / med["mask"] if med["mask"] > 0 else None
+    if "select" in modes and "dhsa" in modes:
+        row["select_share"] = med["select"] / med["dhsa"] if med["dhsa"] > 0 else None
     return row
 
 
@@ -294,19 +323,23 @@ def fmt_ms(x: Optional[float]) -> str:
 
 
 def print_table(rows: List[Dict[str, Any]]) -> None:
-    hdr = ["n_kv", "n_q", "heads", "budget", "dense ms", "dhsa ms", "mask ms", "speedup", "mask speedup", "density"]
+    with_select = any(r.get("select_share") is not None for r in rows)
+    precise = any(v is not None and v < 10 for r in rows for v in r["median_ms"].values())
+    ms = (lambda x: "-" if x is None or x != x else f"{x:.3f}") if precise else fmt_ms
+    hdr = ["n_kv", "n_q", "d", "heads", "budget", "dense ms", "dhsa ms", "mask ms", "speedup", "mask speedup",
+           "density"] + (["select share"] if with_select else [])
     lines = []
     for r in rows:
         m = r["median_ms"]
         lines.append([
-            str(r["n_kv"]), str(r["n_q"]), f"{r['n_head']}/{r['n_head_kv']}", f"{r['budget']:g}",
-            fmt_ms(m.get("dense")), fmt_ms(m.get("dhsa")), fmt_ms(m.get("mask")),
+            str(r["n_kv"]), str(r["n_q"]), str(r["d"]), f"{r['n_head']}/{r['n_head_kv']}", f"{r['budget']:g}",
+            ms(m.get("dense")), ms(m.get("dhsa")), ms(m.get("mask")),
             "-" if r.get("speedup") is None else f"{r['speedup']:.2f}x",
             "-" if r.get("mask_speedup") is None else f"{r['mask_speedup']:.2f}x",
             "-" if r.get("density") is None else f"{r['density']:.3f}",
-        ])
+        ] + (["-" if r.get("select_share") is None else f"{100 * r['select_share']:.1f}%"] if with_select else []))
     widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(hdr)]
-    left = {0, 1, 2}
+    left = {0, 1, 2, 3}
 
     def fmt(cells):
         return "| " + " | ".join(c.rjust(w) if i not in left else c.ljust(w)
@@ -328,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--n-kv", type=parse_int_list, default=[4096, 8192, 16384, 32768], metavar="LIST",
                     help="key counts, comma-separated, 'k' suffix allowed (default 4096,8192,16384,32768)")
     ap.add_argument("--n-q", type=int, default=512, help="queries (one ubatch, at the end of the keys; default 512)")
-    ap.add_argument("--d", type=int, default=256, help="head size (default 256)")
+    ap.add_argument("--d", type=parse_int_list, default=[256], metavar="LIST", help="head sizes (default 256)")
     ap.add_argument("--heads", type=parse_heads, default=[(4, 1), (8, 4)], metavar="H/HKV,...",
                     help="query heads / KV heads pairs (default 4/1,8/4)")
     ap.add_argument("--budgets", type=parse_float_list, default=[0.1, 0.3, 0.5], metavar="LIST",
@@ -336,8 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", "-t", type=int, default=2, help="CPU threads (default 2)")
     ap.add_argument("--repeats", "-r", type=int, default=5, help="timed repeats per configuration (default 5)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed warm-up rounds per configuration (default 1)")
-    ap.add_argument("--modes", default="flash,dhsa,mask",
-                    help="modes to run, comma-separated from flash,dhsa,mask (default all three)")
+    ap.add_argument("--modes", default=None,
+                    help="modes to run, comma-separated from flash,dhsa,mask,select (default flash,dhsa,mask; "
+                         "with --device cuda also select)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where the ops run (default cpu; cuda needs a CUDA build of the engine and a GPU)")
     ap.add_argument("--boundary", choices=("keysim", "fixed"), default="keysim",
                     help="DHSA chunk boundary method (default keysim)")
     ap.add_argument("--seed", type=int, default=0, help="random input seed (default 0)")
@@ -356,17 +392,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)
+    if args.modes is None:
+        args.modes = "flash,dhsa,mask" + (",select" if args.device == "cuda" else "")
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in args.modes if m not in MODES]
     if bad or not args.modes:
         ap.error(f"--modes: unknown mode(s) {bad}; choose from {','.join(MODES)}")
-    if args.repeats < 1 or args.warmup < 0 or args.threads < 1 or args.n_q < 1 or args.d < 1:
+    if args.repeats < 1 or args.warmup < 0 or args.threads < 1 or args.n_q < 1 or min(args.d) < 1:
         ap.error("repeats, threads, n-q and d must be >= 1, warmup >= 0")
     too_small = [n for n in args.n_kv if n < args.n_q]
     if too_small:
         ap.error(f"--n-kv values must be >= --n-q ({args.n_q}): {too_small}")
 
     info = machine_info(args.threads)
+    info["device"] = args.device
+    if args.device == "cuda":
+        info["gpu"] = gpu_info()
     cfg_extra = {"boundary": args.boundary}
     log(f"attention: {platform.node()} | {info.get('cpu_model')} | {args.threads} threads | "
         f"n_kv {args.n_kv} | n_q {args.n_q} | heads {args.heads} | budgets {args.budgets} | "
@@ -374,21 +415,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows: List[Dict[str, Any]] = []
     t_start = time.time()
     out_path = None if args.no_json else (args.out or default_out("attention"))
-    for (h, hk) in args.heads:
-        for n_kv in args.n_kv:
-            Q, K, V = make_inputs(args.n_q, n_kv, h, hk, args.d, seed=args.seed)
-            for budget in args.budgets:
-                t0 = time.time()
-                row = {"n_kv": n_kv, "n_q": args.n_q, "n_head": h, "n_head_kv": hk, "d": args.d}
-                row.update(bench_config(Q, K, V, budget, args, cfg_extra))
-                rows.append(row)
-                m = row["median_ms"]
-                log(f"attention: n_kv={n_kv} heads={h}/{hk} budget={budget:g}: "
-                    + " ".join(f"{k} {v:.1f} ms" for k, v in m.items())
-                    + (f" | speedup {row['speedup']:.2f}x" if row.get("speedup") else "")
-                    + (f" | density {row['density']:.3f}" if row.get("density") is not None else "")
-                    + f" | {time.time() - t0:.1f} s")
-            del Q, K, V
+    grid = [(d, h, hk, n_kv) for d in args.d for (h, hk) in args.heads for n_kv in args.n_kv]
+    for (d, h, hk, n_kv) in grid:
+        Q, K, V = make_inputs(args.n_q, n_kv, h, hk, d, seed=args.seed)
+        for budget in args.budgets:
+            t0 = time.time()
+            row = {"n_kv": n_kv, "n_q": args.n_q, "n_head": h, "n_head_kv": hk, "d": d}
+            row.update(bench_config(Q, K, V, budget, args, cfg_extra))
+            rows.append(row)
+            m = row["median_ms"]
+            log(f"attention: n_kv={n_kv} d={d} heads={h}/{hk} budget={budget:g}: "
+                + " ".join(f"{k} {v:.3f} ms" for k, v in m.items())
+                + (f" | speedup {row['speedup']:.2f}x" if row.get("speedup") else "")
+                + (f" | density {row['density']:.3f}" if row.get("density") is not None else "")
+                + f" | {time.time() - t0:.1f} s")
+        del Q, K, V
     info["loadavg_end"] = _loadavg()
     info["wall_s"] = round(time.time() - t_start, 1)
     print_table(rows)

@@ -1,10 +1,11 @@
-"""One attention layer through the engine's ggml ops on the CPU (tests and benchmarks).
+"""One attention layer through the engine's ggml ops on the CPU or a CUDA GPU (tests and benchmarks).
 
     out, ranges = run_attention(Q, K, V, mode="dhsa", config=DhsaConfig(budget=0.3))
 
 Q: [n_q, H, d] float32; K, V: [n_kv, H_kv, d] float16 or float32. mode: "dhsa" (our select + attn ops),
 "flash" (upstream ggml_flash_attn_ext, dense) or "mask" (our selection as a -inf mask for flash
-attention: the route upstream takes for sparse attention). Returns the output [n_q, H, d] float32 and,
+attention: the route upstream takes for sparse attention) or "select" (the selection alone, for timing it;
+the output is not written). Returns the output [n_q, H, d] float32 and,
 for "dhsa"/"mask", the selection as ranges[block][kv_head] = [(start, end), ...] (the reference's format).
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from . import _native
 from .api import _check, _fill_dhsa_params
 from .dhsa_params import DhsaConfig
 
-MODES = {"dhsa": 0, "flash": 1, "mask": 2}
+MODES = {"dhsa": 0, "flash": 1, "mask": 2, "select": 3}
 DENSE_NONE = 2**31 - 1
 DHSA_SEGMENT = 512
 
@@ -32,6 +33,11 @@ class OpResult:
     elapsed_ms: float
 
 
+def gpu_count() -> int:
+    """GPUs the engine was built for and can see (0 for a CPU-only build)."""
+    return int(_native.load().pydhsa_gpu_count())
+
+
 def max_ranges(n_kv: int, cfg: DhsaConfig) -> int:
     """ggml_dhsa_max_ranges (ggml-dhsa.c): the range capacity of one selection slot."""
     shortest = max(1, min(cfg.chunk_min, cfg.chunk_avg))
@@ -41,7 +47,10 @@ def max_ranges(n_kv: int, cfg: DhsaConfig) -> int:
 
 def run_attention(Q: np.ndarray, K: np.ndarray, V: np.ndarray, mode: str = "dhsa",
                   config: Optional[DhsaConfig] = None, q_pos0: Optional[int] = None, scale: Optional[float] = None,
-                  softcap: float = 0.0, n_threads: int = 1, dense_from: Optional[int] = None) -> OpResult:
+                  softcap: float = 0.0, n_threads: int = 1, dense_from: Optional[int] = None,
+                  device: str = "cpu", n_repeat: int = 1) -> OpResult:
+    """device: "cpu" or "cuda" (see gpu_count()). n_repeat > 1: elapsed_ms is the median of that many
+    runs after one warm-up."""
     lib = _native.load()
     ffi = _native.ffi
     n_q, H, d = Q.shape
@@ -67,7 +76,8 @@ def run_attention(Q: np.ndarray, K: np.ndarray, V: np.ndarray, mode: str = "dhsa
         MODES[mode], params, DENSE_NONE if dense_from is None else int(dense_from),
         ffi.cast("const float *", Qc.ctypes.data), ffi.cast("const void *", Kc.ctypes.data),
         ffi.cast("const void *", Vc.ctypes.data), K.dtype == np.float16, n_q, n_kv, H, H_kv, d, q_pos0,
-        float(scale), float(softcap), int(n_threads), ffi.cast("float *", out.ctypes.data),
+        float(scale), float(softcap), device.encode(), int(n_threads), int(n_repeat),
+        ffi.cast("float *", out.ctypes.data),
         ffi.cast("int32_t *", sel.ctypes.data), n_ints, n_sel, elapsed, err)
     _check(lib, status, err)
     if mode == "flash":

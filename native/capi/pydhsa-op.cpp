@@ -9,6 +9,8 @@
 #include "ggml-cpu.h"
 #include "ggml-dhsa.h"
 #include "ggml.h"
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
 
 #include <algorithm>
 #include <chrono>
@@ -31,17 +33,6 @@ struct ggml_ctx_guard {
     ~ggml_ctx_guard() { ggml_free(ctx); }
 };
 
-// Mask row r: 0 for keys [0, q_pos0 + r], -inf after; rows past n_q (padding) fully masked.
-void fill_causal_mask(ggml_tensor * mask, int32_t n_q, int32_t q_pos0) {
-    const ggml_fp16_t zero = ggml_fp32_to_fp16(0.0f), ninf = ggml_fp32_to_fp16(-INFINITY);
-    for (int64_t r = 0; r < mask->ne[1]; r++) {
-        ggml_fp16_t * row = (ggml_fp16_t *) ((char *) mask->data + r * mask->nb[1]);
-        for (int64_t j = 0; j < mask->ne[0]; j++) {
-            row[j] = (r < n_q && j <= q_pos0 + r) ? zero : ninf;
-        }
-    }
-}
-
 dhsa_runtime make_runtime(const pydhsa_dhsa_params & d, int32_t dense_from) {
     dhsa_runtime rt{};
     rt.budget       = d.budget;
@@ -60,17 +51,74 @@ dhsa_runtime make_runtime(const pydhsa_dhsa_params & d, int32_t dense_from) {
     return rt;
 }
 
-// The work buffer is allocated here rather than inside the ggml context, whose size is data only.
-bool compute(ggml_cgraph * graph, int32_t n_threads) {
-    ggml_cplan plan = ggml_graph_plan(graph, n_threads, nullptr);
-    std::vector<uint8_t> work(plan.work_size);
-    plan.work_data = work.data();
-    return ggml_graph_compute(graph, &plan) == GGML_STATUS_SUCCESS;
-}
-
 double now_ms() {
     using namespace std::chrono;
     return duration<double, std::milli>(steady_clock::now().time_since_epoch()).count();
+}
+
+struct backend_guard {
+    ggml_backend_t backend = nullptr;
+    ggml_backend_buffer_t buffer = nullptr;
+    ~backend_guard() {
+        ggml_backend_buffer_free(buffer);
+        ggml_backend_free(backend);
+    }
+};
+
+// "cpu" (or NULL): the CPU backend with n_threads; "cuda"/"gpu": the first GPU device ggml registered.
+ggml_backend_t open_backend(const char * device, int32_t n_threads) {
+    if (device == nullptr || strcmp(device, "cpu") == 0) {
+        ggml_backend_t cpu = ggml_backend_cpu_init();
+        if (cpu) {
+            ggml_backend_cpu_set_n_threads(cpu, n_threads);
+        }
+        return cpu;
+    }
+    if (strcmp(device, "cuda") == 0 || strcmp(device, "gpu") == 0) {
+        ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU);
+        return dev ? ggml_backend_dev_init(dev, nullptr) : nullptr;
+    }
+    return nullptr;
+}
+
+// Wall time of one synchronous graph computation; every run starts from a cold selection cache, as a
+// single call of the op would.
+bool timed_compute(ggml_backend_t backend, ggml_cgraph * graph, dhsa_runtime * rt, double * ms) {
+    ggml_dhsa_runtime_release_cache(rt);
+    const double t0 = now_ms();
+    const bool ok   = ggml_backend_graph_compute(backend, graph) == GGML_STATUS_SUCCESS;
+    *ms             = now_ms() - t0;
+    return ok;
+}
+
+double median(std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    const size_t n = v.size();
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+// The mask route's second mask: the causal mask restricted to the selected ranges. One mask serves all
+// heads, as in llama.cpp: the union of the KV heads' ranges (exact for H_kv = 1).
+std::vector<ggml_fp16_t> selection_mask(const std::vector<int32_t> & sel, int64_t n_q, int64_t n_q_pad, int64_t n_kv,
+                                        int64_t n_head_kv, int32_t q_pos0, const dhsa_runtime & rt) {
+    const ggml_fp16_t zero = ggml_fp32_to_fp16(0.0f), ninf = ggml_fp32_to_fp16(-INFINITY);
+    std::vector<ggml_fp16_t> mask((size_t) (n_kv * n_q_pad), ninf);
+    const int32_t * slots = sel.data() + DHSA_SEL_HEADER(n_q);
+    const int64_t slot_size = 1 + 2 * (int64_t) ggml_dhsa_max_ranges(n_kv, &rt);
+    for (int64_t r = 0; r < n_q; r++) {
+        ggml_fp16_t * row = mask.data() + r * n_kv;
+        const int64_t b = r / rt.q_block;
+        for (int64_t g = 0; g < n_head_kv; g++) {
+            const int32_t * slot = slots + (b * n_head_kv + g) * slot_size;
+            for (int32_t i = 0; i < slot[0]; i++) {
+                const int64_t end = std::min<int64_t>(slot[2 + 2 * i], q_pos0 + r + 1);
+                for (int64_t j = slot[1 + 2 * i]; j < end; j++) {
+                    row[j] = zero;
+                }
+            }
+        }
+    }
+    return mask;
 }
 
 }  // namespace
@@ -78,26 +126,26 @@ double now_ms() {
 extern "C" int32_t pydhsa_op_attention(int32_t mode, const pydhsa_dhsa_params * dhsa, int32_t dense_from,
                                        const float * q, const void * k, const void * v, bool kv_f16, int32_t n_q,
                                        int32_t n_kv, int32_t n_head, int32_t n_head_kv, int32_t d, int32_t q_pos0,
-                                       float scale, float softcap, int32_t n_threads, float * out, int32_t * ranges,
-                                       int64_t n_ranges_ints, int64_t * n_ranges_out, double * elapsed_ms,
-                                       pydhsa_error * err) {
-    if (!q || !k || !v || !out || n_q < 1 || n_kv < 1 || n_head < 1 || n_head_kv < 1 || n_head % n_head_kv != 0 ||
-        d < 1 || q_pos0 < 0 || q_pos0 + n_q > n_kv || n_threads < 1 || mode < 0 || mode > 2 ||
+                                       float scale, float softcap, const char * device, int32_t n_threads,
+                                       int32_t n_repeat, float * out, int32_t * ranges, int64_t n_ranges_ints,
+                                       int64_t * n_ranges_out, double * elapsed_ms, pydhsa_error * err) {
+    if (!q || !k || !v || (!out && mode != PYDHSA_OP_SELECT) || n_q < 1 || n_kv < 1 || n_head < 1 || n_head_kv < 1 || n_head % n_head_kv != 0 ||
+        d < 1 || q_pos0 < 0 || q_pos0 + n_q > n_kv || n_threads < 1 || n_repeat < 1 || mode < 0 || mode > 3 ||
         (mode != PYDHSA_OP_FLASH && !dhsa)) {
         return op_error(err, PYDHSA_ERR_ARGUMENT, "invalid arguments to pydhsa_op_attention");
+    }
+    backend_guard bk;
+    bk.backend = open_backend(device, n_threads);
+    if (!bk.backend) {
+        return op_error(err, PYDHSA_ERR_ARGUMENT,
+                        "no such device (use \"cpu\", or \"cuda\" with a CUDA build and a visible GPU)");
     }
     const ggml_type kv_type = kv_f16 ? GGML_TYPE_F16 : GGML_TYPE_F32;
     const int64_t n_q_pad   = GGML_PAD(n_q, 64);
     dhsa_runtime rt = make_runtime(dhsa ? *dhsa : pydhsa_dhsa_params{}, dense_from);
-    const int64_t n_blocks  = mode == PYDHSA_OP_FLASH ? 0 : (n_q + rt.q_block - 1) / std::max(rt.q_block, 1);
-    const int64_t sel_ints  = mode == PYDHSA_OP_FLASH ? 0 : DHSA_SEL_HEADER(n_q) +
-                              n_blocks * n_head_kv * (1 + 2 * (int64_t) ggml_dhsa_max_ranges(n_kv, &rt));
-    // Every tensor of the graph lives in one ggml context: inputs, f16 casts, masks, selection, output.
-    const size_t data_bytes = sizeof(float) * (size_t) n_q * n_head * d * 2 +
-                              (ggml_type_size(kv_type) + sizeof(ggml_fp16_t)) * (size_t) n_kv * n_head_kv * d * 2 +
-                              sizeof(ggml_fp16_t) * (size_t) n_kv * n_q_pad * 2 + sizeof(int32_t) * (size_t) sel_ints;
-    ggml_init_params ip = { data_bytes + 64 * ggml_tensor_overhead() + 2 * ggml_graph_overhead() + (1 << 20), nullptr,
-                            false };
+
+    // Tensors are created without data and allocated in one buffer of the chosen backend.
+    ggml_init_params ip = { 64 * ggml_tensor_overhead() + 2 * ggml_graph_overhead(), nullptr, true };
     ggml_ctx_guard guard{ ggml_init(ip) };
     if (!guard.ctx) {
         return op_error(err, PYDHSA_ERR_INTERNAL, "ggml_init failed (out of memory?)");
@@ -109,71 +157,101 @@ extern "C" int32_t pydhsa_op_attention(int32_t mode, const pydhsa_dhsa_params * 
     ggml_tensor * k_t  = ggml_new_tensor_3d(ctx, kv_type, d, n_head_kv, n_kv);
     ggml_tensor * v_t  = ggml_new_tensor_3d(ctx, kv_type, d, n_head_kv, n_kv);
     ggml_tensor * mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, n_kv, n_q_pad);
-    memcpy(q_t->data, q, ggml_nbytes(q_t));
-    memcpy(k_t->data, k, ggml_nbytes(k_t));
-    memcpy(v_t->data, v, ggml_nbytes(v_t));
-    fill_causal_mask(mask, n_q, q_pos0);
     ggml_tensor * qp = ggml_permute(ctx, q_t, 0, 2, 1, 3);
     ggml_tensor * kp = ggml_permute(ctx, k_t, 0, 2, 1, 3);
     ggml_tensor * vp = ggml_permute(ctx, v_t, 0, 2, 1, 3);
 
-    ggml_tensor * sel = nullptr;
-    ggml_tensor * result;
-    double t0 = now_ms();
-    if (mode == PYDHSA_OP_DHSA) {
+    ggml_tensor * sel = nullptr, * fa_mask = nullptr, * result;
+    if (mode == PYDHSA_OP_DHSA || mode == PYDHSA_OP_SELECT) {
         sel    = ggml_dhsa_select(ctx, qp, kp, mask, &rt, 0);
-        result = ggml_dhsa_attn(ctx, qp, kp, vp, mask, sel, scale, softcap, &rt, 0);
+        result = mode == PYDHSA_OP_DHSA ? ggml_dhsa_attn(ctx, qp, kp, vp, mask, sel, scale, softcap, &rt, 0) : sel;
     } else {
+        // The mask route runs the selection, then flash attention under a mask with every unselected key
+        // at -inf; flash mode runs flash attention under the causal mask.
+        if (mode == PYDHSA_OP_MASK) {
+            sel     = ggml_dhsa_select(ctx, qp, kp, mask, &rt, 0);
+            fa_mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, n_kv, n_q_pad);
+        }
         ggml_tensor * kf = kv_f16 ? kp : ggml_cast(ctx, kp, GGML_TYPE_F16);  // as the graph casts f32 K/V
         ggml_tensor * vf = kv_f16 ? vp : ggml_cast(ctx, vp, GGML_TYPE_F16);
-        ggml_tensor * fa_mask = mask;
-        if (mode == PYDHSA_OP_MASK) {
-            // The mask route: run the selection, then mask every unselected key with -inf.
-            sel = ggml_dhsa_select(ctx, qp, kp, mask, &rt, 0);
-            ggml_cgraph * gs = ggml_new_graph(ctx);
-            ggml_build_forward_expand(gs, sel);
-            if (!compute(gs, n_threads)) {
-                return op_error(err, PYDHSA_ERR_INTERNAL, "selection failed");
-            }
-            fa_mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, n_kv, n_q_pad);
-            const ggml_fp16_t zero = ggml_fp32_to_fp16(0.0f), ninf = ggml_fp32_to_fp16(-INFINITY);
-            const int32_t * slots = (const int32_t *) sel->data + DHSA_SEL_HEADER(n_q);
-            const int64_t slot_size = 1 + 2 * (int64_t) ggml_dhsa_max_ranges(n_kv, &rt);
-            // One mask serves all heads, as in llama.cpp: the union of the KV heads' ranges (exact for H_kv = 1).
-            for (int64_t r = 0; r < n_q_pad; r++) {
-                ggml_fp16_t * row = (ggml_fp16_t *) ((char *) fa_mask->data + r * fa_mask->nb[1]);
-                std::fill(row, row + n_kv, ninf);
-                if (r >= n_q) {
-                    continue;
-                }
-                const int64_t b = r / rt.q_block;
-                for (int64_t g = 0; g < n_head_kv; g++) {
-                    const int32_t * slot = slots + (b * n_head_kv + g) * slot_size;
-                    for (int32_t i = 0; i < slot[0]; i++) {
-                        const int64_t end = std::min<int64_t>(slot[2 + 2 * i], q_pos0 + r + 1);
-                        for (int64_t j = slot[1 + 2 * i]; j < end; j++) {
-                            row[j] = zero;
-                        }
-                    }
-                }
+        result = ggml_flash_attn_ext(ctx, qp, kf, vf, fa_mask ? fa_mask : mask, scale, 0.0f, softcap);
+        ggml_prec_set_acc(result, GGML_PREC_F32);
+    }
+    bk.buffer = ggml_backend_alloc_ctx_tensors(ctx, bk.backend);
+    if (!bk.buffer) {
+        return op_error(err, PYDHSA_ERR_INTERNAL, "could not allocate the op's tensors on the device");
+    }
+    ggml_backend_tensor_set(q_t, q, 0, ggml_nbytes(q_t));
+    ggml_backend_tensor_set(k_t, k, 0, ggml_nbytes(k_t));
+    ggml_backend_tensor_set(v_t, v, 0, ggml_nbytes(v_t));
+    {
+        std::vector<ggml_fp16_t> causal((size_t) (n_kv * n_q_pad));
+        const ggml_fp16_t zero = ggml_fp32_to_fp16(0.0f), ninf = ggml_fp32_to_fp16(-INFINITY);
+        // Row r: keys [0, q_pos0 + r] visible; padding rows past n_q fully masked.
+        for (int64_t r = 0; r < n_q_pad; r++) {
+            for (int64_t j = 0; j < n_kv; j++) {
+                causal[r * n_kv + j] = (r < n_q && j <= q_pos0 + r) ? zero : ninf;
             }
         }
-        result = ggml_flash_attn_ext(ctx, qp, kf, vf, fa_mask, scale, 0.0f, softcap);
-        ggml_prec_set_acc(result, GGML_PREC_F32);
+        ggml_backend_tensor_set(mask, causal.data(), 0, ggml_nbytes(mask));
+    }
+
+    ggml_cgraph * g_sel = nullptr;
+    if (mode == PYDHSA_OP_MASK) {
+        g_sel = ggml_new_graph(ctx);
+        ggml_build_forward_expand(g_sel, sel);
     }
     ggml_cgraph * gf = ggml_new_graph(ctx);
     ggml_build_forward_expand(gf, result);
-    if (mode != PYDHSA_OP_MASK) {
-        t0 = now_ms();
+    // A backend aborts on an op it lacks, so refuse up front (e.g. f32 K/V for the CUDA DHSA kernels).
+    for (ggml_cgraph * graph : { g_sel, gf }) {
+        for (int i = 0; graph && i < ggml_graph_n_nodes(graph); i++) {
+            ggml_tensor * node = ggml_graph_node(graph, i);
+            if (!ggml_backend_supports_op(bk.backend, node)) {
+                char message[256];
+                snprintf(message, sizeof(message), "the %s backend does not support %s for these shapes/types",
+                         ggml_backend_name(bk.backend), ggml_op_desc(node));
+                return op_error(err, PYDHSA_ERR_ARGUMENT, message);
+            }
+        }
     }
-    if (!compute(gf, n_threads)) {
-        return op_error(err, PYDHSA_ERR_INTERNAL, "graph computation failed");
-    }
-    if (elapsed_ms) {
-        *elapsed_ms = now_ms() - t0;
+
+    // One untimed warm-up when timing several runs (module loads, allocations); the reported time is
+    // the median, and for the mask route the sum of the selection and the flash-attention graphs (the
+    // host work of turning ranges into a mask is not counted).
+    std::vector<double> times;
+    std::vector<int32_t> sel_host;
+    for (int32_t run = n_repeat > 1 ? -1 : 0; run < n_repeat; run++) {
+        double ms_sel = 0.0, ms = 0.0;
+        // Poison the outputs (NaN floats, -1 ints) so that an element a kernel fails to write shows.
+        ggml_backend_tensor_memset(result, 0xFF, 0, ggml_nbytes(result));
+        if (sel) {
+            ggml_backend_tensor_memset(sel, 0xFF, 0, ggml_nbytes(sel));
+        }
+        if (g_sel) {
+            if (!timed_compute(bk.backend, g_sel, &rt, &ms_sel)) {
+                return op_error(err, PYDHSA_ERR_INTERNAL, "selection failed");
+            }
+            sel_host.resize((size_t) ggml_nelements(sel));
+            ggml_backend_tensor_get(sel, sel_host.data(), 0, ggml_nbytes(sel));
+            const std::vector<ggml_fp16_t> m =
+                selection_mask(sel_host, n_q, n_q_pad, n_kv, n_head_kv, q_pos0, rt);
+            ggml_backend_tensor_set(fa_mask, m.data(), 0, ggml_nbytes(fa_mask));
+        }
+        if (!timed_compute(bk.backend, gf, &rt, &ms)) {
+            return op_error(err, PYDHSA_ERR_INTERNAL, "graph computation failed");
+        }
+        if (run >= 0) {
+            times.push_back(ms_sel + ms);
+        }
     }
     ggml_dhsa_runtime_release_cache(&rt);
-    memcpy(out, result->data, sizeof(float) * (size_t) n_q * n_head * d);  // [d, H, n_q] == [n_q][H][d]
+    if (elapsed_ms) {
+        *elapsed_ms = median(times);
+    }
+    if (mode != PYDHSA_OP_SELECT) {
+        ggml_backend_tensor_get(result, out, 0, sizeof(float) * (size_t) n_q * n_head * d);  // [d, H, n_q] == [n_q][H][d]
+    }
     if (sel) {
         const int64_t n = ggml_nelements(sel);
         if (n_ranges_out) {
@@ -183,7 +261,7 @@ extern "C" int32_t pydhsa_op_attention(int32_t mode, const pydhsa_dhsa_params * 
             if (n > n_ranges_ints) {
                 return op_error(err, PYDHSA_ERR_BUFFER, "ranges buffer too small");
             }
-            memcpy(ranges, sel->data, sizeof(int32_t) * (size_t) n);
+            ggml_backend_tensor_get(sel, ranges, 0, sizeof(int32_t) * (size_t) n);
         }
     } else if (n_ranges_out) {
         *n_ranges_out = 0;
@@ -193,4 +271,12 @@ extern "C" int32_t pydhsa_op_attention(int32_t mode, const pydhsa_dhsa_params * 
         err->message[0] = '\0';
     }
     return PYDHSA_OK;
+}
+
+extern "C" int32_t pydhsa_gpu_count(void) {
+    int32_t n = 0;
+    for (size_t i = 0; i < ggml_backend_dev_count(); i++) {
+        n += ggml_backend_dev_type(ggml_backend_dev_get(i)) == GGML_BACKEND_DEVICE_TYPE_GPU;
+    }
+    return n;
 }

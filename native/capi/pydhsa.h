@@ -150,23 +150,33 @@ PYDHSA_API void pydhsa_session_timings(const pydhsa_session * session, pydhsa_ti
 PYDHSA_API int32_t pydhsa_session_dhsa_stats(const pydhsa_session * session, int64_t * computed, int64_t * causal,
                                              int32_t n_layer);
 
-/* ---- op-level access for tests and benchmarks (one attention layer on the CPU backend) ----------------
+/* ---- op-level access for tests and benchmarks (one attention layer on one ggml backend) --------------
  * Q: [n_q][n_head][d] float32; K, V: [n_kv][n_head_kv][d] float32 (kv_f16 = false) or IEEE half (true),
  * all contiguous. The queries sit at key positions q_pos0 .. q_pos0+n_q-1 (causal mask built here).
  * mode: PYDHSA_OP_DHSA (our select + attn ops, settings from `dhsa`, dense_from as given),
  *       PYDHSA_OP_FLASH (upstream ggml_flash_attn_ext, dense), or
- *       PYDHSA_OP_MASK (our selection turned into a -inf mask for upstream flash_attn_ext: the mask route).
+ *       PYDHSA_OP_MASK (our selection turned into a -inf mask for upstream flash_attn_ext: the mask route),
+ *       PYDHSA_OP_SELECT (the selection alone, to time it; out may be NULL).
+ * device: NULL or "cpu" (n_threads threads), or "cuda" (the first GPU of a CUDA build; an op the backend
+ * lacks for these shapes gives PYDHSA_ERR_ARGUMENT).
  * out: [n_q][n_head][d] float32. ranges (DHSA and MASK modes, may be NULL): the selection tensor as the op
  * wrote it, n_ranges_ints int32 (PYDHSA_ERR_BUFFER if too small; *n_ranges_out tells the size).
- * elapsed_ms: wall time of the graph computation alone (best of n_repeat runs; median is the caller's). */
-typedef enum { PYDHSA_OP_DHSA = 0, PYDHSA_OP_FLASH = 1, PYDHSA_OP_MASK = 2 } pydhsa_op_mode;
+ * elapsed_ms: wall time of the graph computation (synchronous), the median of n_repeat runs after one
+ * untimed warm-up when n_repeat > 1; each run starts with a cold selection cache. For the mask route, the
+ * selection graph plus the flash-attention graph (the host's range-to-mask conversion is not counted).
+ * The output and ranges are those of the last run. */
+typedef enum { PYDHSA_OP_DHSA = 0, PYDHSA_OP_FLASH = 1, PYDHSA_OP_MASK = 2, PYDHSA_OP_SELECT = 3 } pydhsa_op_mode;
 
 PYDHSA_API int32_t pydhsa_op_attention(int32_t mode, const pydhsa_dhsa_params * dhsa, int32_t dense_from,
                                        const float * q, const void * k, const void * v, bool kv_f16,
                                        int32_t n_q, int32_t n_kv, int32_t n_head, int32_t n_head_kv, int32_t d,
-                                       int32_t q_pos0, float scale, float softcap, int32_t n_threads,
+                                       int32_t q_pos0, float scale, float softcap, const char * device,
+                                       int32_t n_threads, int32_t n_repeat,
                                        float * out, int32_t * ranges, int64_t n_ranges_ints, int64_t * n_ranges_out,
                                        double * elapsed_ms, pydhsa_error * err);
+
+/* Number of GPU devices the engine was built with and can see (0 for a CPU-only build). */
+PYDHSA_API int32_t pydhsa_gpu_count(void);
 /* cffi:end */
 
 #ifdef __cplusplus
