@@ -53,8 +53,11 @@ struct dhsa_cuda_attn_args {
     float * dst;          // [n_q][n_head][d] f32, contiguous (flash_attn_ext's output layout)
     int32_t n_q, n_kv, n_head, n_head_kv, d;
     float scale, softcap; // s = scale * q.k; softcap > 0: s = softcap * tanh(s / softcap); then + mask
+    void * scratch;       // device scratch of dhsa_cuda_attn_scratch_size() bytes (partial results when the
+                          // key walk of few-row blocks, e.g. decode, is split across CTAs)
 };
 
 // Head sizes and architectures the attention kernel is built for (d in {64, 128, 256}, cc >= 800).
 bool dhsa_cuda_attn_supported(int32_t d, int compute_capability);
+size_t dhsa_cuda_attn_scratch_size(const struct dhsa_cuda_attn_args * a);
 cudaError_t dhsa_cuda_attn(const struct dhsa_cuda_attn_args * a, cudaStream_t stream);

@@ -40,7 +40,7 @@ void ggml_cuda_op_dhsa_select(ggml_backend_cuda_context & ctx, ggml_tensor * dst
     a.max_ranges  = ggml_dhsa_max_ranges(k->ne[1], op.rt);
     a.sel         = (int32_t *) dst->data;
 
-    ggml_cuda_pool_alloc<char> scratch(ctx.pool(), dhsa_cuda_select_scratch_size(&a));
+    ggml_cuda_pool_alloc<char> scratch(ctx.pool(), std::max<size_t>(dhsa_cuda_select_scratch_size(&a), 1));
     a.scratch = scratch.get();
     CUDA_CHECK(dhsa_cuda_select(&a, ctx.stream()));
 }
@@ -75,6 +75,8 @@ void ggml_cuda_op_dhsa_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) 
     a.softcap    = op.softcap;
     // The density statistics (dhsa_runtime.pairs_*) are counted by the CPU kernel only: reading them
     // back here would synchronise the stream once per layer.
+    ggml_cuda_pool_alloc<char> scratch(ctx.pool(), std::max<size_t>(dhsa_cuda_attn_scratch_size(&a), 1));
+    a.scratch = scratch.get();
     CUDA_CHECK(dhsa_cuda_attn(&a, ctx.stream()));
 }
 

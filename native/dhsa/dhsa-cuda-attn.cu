@@ -1,0 +1,838 @@
+// Block-sparse flash attention of DHSA on tensor cores (dhsa_cuda_attn of dhsa-cuda.h).
+//
+// Computes what ggml_compute_forward_dhsa_attn (ggml-cpu-dhsa.cpp) computes: for query row r, head h and
+// KV head g = h / G, softmax(scale * q.k [soft-capped] + mask) . V over the keys of the ranges of slot
+// (r / q_block, g), restricted to keys j <= pos[r]. See native/dhsa/ALGORITHM.md, step 6.
+//
+// Design (flash attention 2 on mma.sync m16n8k16, f16 operands, f32 accumulators):
+//  - One CTA per (query block b, KV head g, row sub-tile). Its score rows are the flattened (query row,
+//    head of the group) pairs of block b, row m = (r - b * q_block) * G + (h - g * G) as in the CPU
+//    kernel, 16 per warp, up to 128 rows (64 for d = 256). Every K/V tile brought into shared memory
+//    serves all heads of the GQA group.
+//  - Tiles are packed: a tile holds the next kTileKeys keys of the slot's ranges, across range ends
+//    (ranges are chunks of a few dozen keys: one tile per range would leave most tiles half empty). One
+//    warp builds each tile's key map two tiles ahead; K and V rows are gathered with 16-byte cp.async
+//    into a two-stage ring, so the next tile loads while this one is multiplied. Empty slots are
+//    zero-filled and get -inf scores.
+//  - The mask is read from global memory one tile ahead, in fragment order, as raw 32-bit words (key
+//    pairs (2k, 2k + 1), which the key map keeps in aligned slot pairs) that nothing touches until the
+//    tile uses them: mask rows are shared by few CTAs, so their misses must not stall each tile.
+//  - Shared rows are XOR-swizzled by 16-byte chunk (chunk ^ (row & 7)), so the eight 16-byte row
+//    segments one ldmatrix phase reads fall into distinct banks without padding.
+//  - Q is converted to f16 once, pre-multiplied by the scale (and by log2(e), so that the softmax uses
+//    exp2); for d <= 128 it stays in registers as mma A fragments, for d = 256 (registers are short) it
+//    stays in shared memory and is re-read with ldmatrix.
+//  - Online softmax in registers; the score accumulator fragment is re-packed as the A fragment of P.V
+//    without going through shared memory.
+//  - Few rows (decode, tiny ubatches): the warps of a 16-row group split every tile's keys and merge
+//    their softmax states at the end, so a CTA still has 4 warps of work.
+
+#include "dhsa-cuda.h"
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <limits.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr int   kWarpSize = 32;
+constexpr int   kWarpRows = 16;  // score rows per warp: the M of one mma
+constexpr float kLog2e    = 1.4426950408889634f;
+
+// Per head-size choices. d = 256 takes half the rows and half the keys per tile so that its 128 f32
+// output accumulators per thread fit in registers and its shared memory (Q included) stays <= 96 KB.
+template <int D>
+struct attn_traits {
+    static_assert(D == 64 || D == 128 || D == 256, "head sizes 64, 128 and 256 only");
+
+    static constexpr int  kTileKeys     = D == 256 ? 32 : 64;  // keys per K/V tile
+    static constexpr int  kMaxWarps     = D == 256 ? 4 : 8;    // 16 score rows each
+    static constexpr bool kQInRegisters = D <= 128;
+    // Few rows (decode, short ubatches): up to kMaxKeyParts warps share each 16-row group, each taking
+    // 16 keys of every tile (see merge_key_parts).
+    static constexpr int  kMaxKeyParts  = kTileKeys / 16;
+
+    static constexpr int kTileBytes  = kTileKeys * D * 2;  // one K or V tile, f16
+    static constexpr int kStageBytes = 2 * kTileBytes;     // K then V
+    static constexpr int kRingBytes  = 2 * kStageBytes;    // two stages
+
+    // Q lives after the ring when it stays in shared memory; otherwise it only passes through shared
+    // memory before the first tile is loaded, so it shares the ring's space.
+    static constexpr size_t smem_bytes(int rows) {
+        return kQInRegisters ? (kRingBytes > rows * D * 2 ? (size_t) kRingBytes : (size_t) rows * D * 2)
+                             : (size_t) kRingBytes + (size_t) rows * D * 2;
+    }
+};
+
+// Everything the kernel needs, derived once on the host.
+struct attn_params {
+    const float * q;
+    int64_t q_row, q_head;
+    const half * k;
+    int64_t k_row, k_head;
+    const half * v;
+    int64_t v_row, v_head;
+    const half * mask;
+    int64_t mask_row;
+    const int32_t * pos;    // [n_q] key position of each query row, -1: sees nothing
+    const int32_t * slots;  // range lists, slot (b, g) at slots + (b * n_head_kv + g) * slot_size
+    int64_t slot_size;
+    float * dst;
+    int32_t n_q, n_kv, n_head, n_head_kv, q_block, group;
+    int32_t n_blocks;       // query blocks
+    int32_t n_sub;          // CTAs per (query block, KV head)
+    float q_scale;          // multiplies q before its f16 conversion
+    float softcap_log2e;    // softcap * log2(e) (soft-capping kernels only)
+    bool kv_aligned;        // every K/V row segment starts on 16 bytes: cp.async; else a scalar path
+    bool mask_words;        // mask rows start on 4 bytes: keys (2k, 2k + 1) load as one 32-bit word
+};
+
+// The device code needs sm_80 (cp.async, mma m16n8k16 with f32 accumulators); builds for older
+// architectures get a kernel that traps (dhsa_cuda_attn_supported keeps it from being launched).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define DHSA_ATTN_NO_DEVICE_CODE
+#endif
+
+#ifndef DHSA_ATTN_NO_DEVICE_CODE
+
+// Fragment and chunk counts of a tile (device side).
+template <int D>
+struct tile_shape : attn_traits<D> {
+    static constexpr int kChunks   = D / 8;                          // 16-byte chunks per shared row
+    static constexpr int kDSteps   = D / 16;                         // mma k-steps over d (Q.K^T)
+    static constexpr int kKeySteps = attn_traits<D>::kTileKeys / 16; // mma k-steps over the tile's keys (P.V)
+    static constexpr int kKeyFrags = attn_traits<D>::kTileKeys / 8;  // 8-key n-tiles of the score fragment
+    static constexpr int kOutFrags = D / 8;                          // 8-column n-tiles of the output fragment
+    static constexpr int kQOffset  = attn_traits<D>::kQInRegisters ? 0 : attn_traits<D>::kRingBytes;
+    // Per-warp output partials of merge_key_parts (16 rows x D f32) fit in the ring once it is idle.
+    static_assert(attn_traits<D>::kMaxWarps * kWarpRows * D * 4 <= attn_traits<D>::kRingBytes, "ring too small");
+};
+
+// ---- PTX wrappers -----------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_address(const void * p) {
+    return (uint32_t) __cvta_generic_to_shared(p);
+}
+
+// 16-byte asynchronous copy global -> shared; src_bytes = 0 writes 16 zero bytes and reads nothing.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void * src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+// c += a * b: a 16x16 (row), b 16x8 (col), c 16x8 f32.
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
+    const half2 h = __floats2half2_rn(lo, hi);  // lo in the low 16 bits: the lower column
+    return *reinterpret_cast<const uint32_t *>(&h);
+}
+
+// ---- shared-memory layout ---------------------------------------------------------------------------
+
+// Offset in halves of 16-byte chunk `chunk` of row `row` of a [rows][D] f16 tile. The XOR spreads the
+// eight rows an ldmatrix phase reads (same logical chunk) over eight different 16-byte bank groups.
+template <int D>
+__device__ __forceinline__ int swizzled(int row, int chunk) {
+    return row * D + ((chunk ^ (row & 7)) << 3);
+}
+
+// ---- loads ------------------------------------------------------------------------------------------
+
+// Q rows of this CTA -> shared f16 (scaled); ghost rows (past the block) are zero.
+template <int D>
+__device__ void load_q_tile(const attn_params & p, half * q_smem, int rows, int row0_flat, int rows_in_block,
+                            int first_row) {
+    constexpr int kChunks = tile_shape<D>::kChunks;
+    for (int idx = threadIdx.x; idx < rows * kChunks; idx += blockDim.x) {
+        const int row = idx / kChunks, chunk = idx % kChunks;
+        const int m   = row0_flat + row;
+        uint4 packed  = make_uint4(0, 0, 0, 0);
+        if (m < rows_in_block) {
+            const int r = first_row + m / p.group;
+            const int h = (int) blockIdx.y * p.group + m % p.group;
+            const float * src = p.q + (int64_t) r * p.q_row + (int64_t) h * p.q_head + chunk * 8;
+            packed.x = pack_half2(src[0] * p.q_scale, src[1] * p.q_scale);
+            packed.y = pack_half2(src[2] * p.q_scale, src[3] * p.q_scale);
+            packed.z = pack_half2(src[4] * p.q_scale, src[5] * p.q_scale);
+            packed.w = pack_half2(src[6] * p.q_scale, src[7] * p.q_scale);
+        }
+        *reinterpret_cast<uint4 *>(q_smem + swizzled<D>(row, chunk)) = packed;
+    }
+}
+
+// One 16-byte chunk of a K or V row when the row is not 16-byte aligned: plain loads and a store
+// (ordered by the same barriers as the cp.async path).
+__device__ __forceinline__ void copy_chunk_unaligned(half * dst, const half * src, bool valid) {
+    uint4 packed = make_uint4(0, 0, 0, 0);
+    if (valid) {
+        half h[8];
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            h[i] = src[i];
+        }
+        packed.x = *reinterpret_cast<const uint32_t *>(&h[0]);
+        packed.y = *reinterpret_cast<const uint32_t *>(&h[2]);
+        packed.z = *reinterpret_cast<const uint32_t *>(&h[4]);
+        packed.w = *reinterpret_cast<const uint32_t *>(&h[6]);
+    }
+    *reinterpret_cast<uint4 *>(dst) = packed;
+}
+
+// The tile's keys (tile_keys[t], -1 for an empty slot) of KV head g into one ring stage. Empty slots
+// are zero-filled: their scores are -inf, but 0 * stale shared data could be NaN in P.V.
+template <int D>
+__device__ void load_kv_tile(const attn_params & p, const half * k_head, const half * v_head, const int * tile_keys,
+                             half * stage) {
+    using T = tile_shape<D>;
+    half * k_smem = stage;
+    half * v_smem = stage + T::kTileKeys * D;
+    for (int idx = threadIdx.x; idx < T::kTileKeys * T::kChunks; idx += blockDim.x) {
+        const int slot = idx / T::kChunks, chunk = idx % T::kChunks;
+        const int key  = tile_keys[slot];
+        const bool valid = key >= 0;
+        const int64_t j  = valid ? key : 0;  // key 0 is a safe address for the zero-fills
+        const half * k_src = k_head + j * p.k_row + chunk * 8;
+        const half * v_src = v_head + j * p.v_row + chunk * 8;
+        const int off = swizzled<D>(slot, chunk);
+        if (p.kv_aligned) {
+            cp_async_16(smem_address(k_smem + off), k_src, valid ? 16 : 0);
+            cp_async_16(smem_address(v_smem + off), v_src, valid ? 16 : 0);
+        } else {
+            copy_chunk_unaligned(k_smem + off, k_src, valid);
+            copy_chunk_unaligned(v_smem + off, v_src, valid);
+        }
+    }
+}
+
+// ---- the walk over the slot's key ranges ------------------------------------------------------
+
+// Tiles are packed: a tile takes the next kTileKeys keys of the slot's ranges, across range ends, so
+// short ranges (chunks of 16..128 keys) do not leave tiles half empty. The walk is the same in every
+// thread of the CTA (uniform loads of the slot), so its state lives in registers.
+struct range_walker {
+    int range;  // index of the current range
+    int key;    // next key to take
+    int end;    // end of the current range, clipped to the CTA's key_end
+    bool done;
+};
+
+// Moves to the first non-empty range at or after `range`, clipped to [0, key_end). Ranges are sorted,
+// so the walk ends at the first one starting at or past key_end.
+__device__ __forceinline__ void seek_range(const int32_t * slot, int range, int key_end, range_walker & w) {
+    const int count = __ldg(slot);
+    for (; range < count; range++) {
+        const int start = max(__ldg(slot + 1 + 2 * range), 0);
+        const int end   = min(__ldg(slot + 2 + 2 * range), key_end);
+        if (start >= key_end) {
+            break;
+        }
+        if (start < end) {
+            w = { range, start, end, false };
+            return;
+        }
+    }
+    w.done = true;
+}
+
+// Run by one warp: writes the next tile's keys into tile_keys[0 .. kTileKeys) (-1 for an empty slot)
+// and the number of slots used into *count (0: the walk is over). Each pair of slots (2t, 2t + 1)
+// holds keys of one aligned pair (2k, 2k + 1), either of them possibly empty, so that the mask of a
+// slot pair is one aligned 32-bit word: a key goes to a slot of its own parity, and a range that
+// starts in the middle of a slot pair closes that pair first (one or two empty slots per range).
+template <int kTileKeys>
+__device__ void build_key_map(const int32_t * slot, int key_end, range_walker & w, int * tile_keys, int * count) {
+    const int lane = threadIdx.x % kWarpSize;
+    int filled   = 0;
+    int last_key = -1;  // key in slot filled - 1 (-1: empty or none)
+    while (filled < kTileKeys && !w.done) {
+        const bool same_parity = ((w.key ^ filled) & 1) == 0;
+        const bool pair_ok     = filled % 2 == 0 || last_key < 0 || last_key == w.key - 1;
+        if (!same_parity || !pair_ok) {
+            if (lane == 0) {
+                tile_keys[filled] = -1;
+            }
+            filled++;
+            last_key = -1;
+            continue;
+        }
+        const int n = min(w.end - w.key, kTileKeys - filled);
+        for (int t = lane; t < n; t += kWarpSize) {
+            tile_keys[filled + t] = w.key + t;
+        }
+        filled += n;
+        w.key += n;
+        last_key = w.key - 1;
+        if (w.key == w.end) {
+            seek_range(slot, w.range + 1, key_end, w);
+        }
+    }
+    for (int t = filled + lane; t < kTileKeys; t += kWarpSize) {
+        tile_keys[t] = -1;
+    }
+    if (lane == 0) {
+        *count = filled;
+    }
+}
+
+// ---- per-thread rows ----------------------------------------------------------------------------
+
+// A thread holds two score rows of its warp's 16: lane / 4 and lane / 4 + 8 (the mma C layout).
+struct thread_row {
+    int key_end;         // keys j < key_end exist for this row (pos + 1; 0 for ghost rows)
+    const half * mask;   // the query row's mask row (ghost rows: never read)
+};
+
+// Whether key j (-1: empty tile slot) exists for the row: 0 <= j < key_end, one unsigned compare.
+__device__ __forceinline__ bool key_exists(const thread_row & row, int j) {
+    return (unsigned) j < (unsigned) row.key_end;
+}
+
+// The mask word of a slot pair (keys j0 = 2k or -1, j1 = 2k + 1 or -1; see build_key_map) for one
+// row: mask entries (2k, 2k + 1), the low half first. Only entries of keys below the row's key_end
+// are read (the even key of a pair may be read for its odd neighbour's sake). The value is left as
+// loaded, combined with nothing, so that the load's latency is only paid where the tile uses it.
+__device__ __forceinline__ uint32_t load_mask_word(const thread_row & row, int j0, int j1, bool mask_words) {
+    const int j = j0 >= 0 ? j0 : j1 - 1;  // the even key of the pair; -2 if both slots are empty
+    const unsigned short * src = reinterpret_cast<const unsigned short *>(row.mask) + j;
+    uint32_t word = 0;
+    if (mask_words && (unsigned) (j + 1) < (unsigned) row.key_end) {
+        word = __ldg(reinterpret_cast<const unsigned int *>(src));
+    } else if ((unsigned) j < (unsigned) row.key_end) {
+        word = __ldg(src);  // the row's last visible key, or rows not 4-byte aligned (slow, rare)
+        if ((unsigned) (j + 1) < (unsigned) row.key_end) {
+            word |= (uint32_t) __ldg(src + 1) << 16;
+        }
+    }
+    return word;
+}
+
+// The mask of a tile in the warp's score-fragment order: word[nt][i] holds keys 2 * tig and
+// 2 * tig + 1 of n-tile nt for the thread's row i, and bit (nt * 2 + i) * 2 + c % 2 of `exists` tells
+// whether that key exists for the row (else its score is -inf). Loaded one tile ahead: the mask comes
+// from global memory and, unlike K and V, is shared by few CTAs, so its misses would stall every tile.
+template <int D, int kKeyParts>
+struct tile_mask {
+    static constexpr int kKeyFrags = tile_shape<D>::kKeyFrags / kKeyParts;
+    static_assert(kKeyFrags * 4 <= 32, "one bit per score of the thread");
+    uint32_t word[kKeyFrags][2];
+    uint32_t exists;
+
+    // Mask of score c (C-fragment order) of n-tile nt.
+    __device__ __forceinline__ float value(int nt, int c) const {
+        const int i = c / 2, bit = (nt * 2 + i) * 2 + c % 2;
+        const half2 h = *reinterpret_cast<const half2 *>(&word[nt][i]);
+        return (exists >> bit) & 1 ? (c % 2 ? __high2float(h) : __low2float(h)) : -INFINITY;
+    }
+};
+
+template <int D, int kKeyParts>
+__device__ __forceinline__ void load_tile_mask(const attn_params & p, const int * tile_keys, int key_part,
+                                               const thread_row (&rows)[2], tile_mask<D, kKeyParts> & mask) {
+    constexpr int kKeyFrags = tile_mask<D, kKeyParts>::kKeyFrags;
+    const int tig      = threadIdx.x % 4;
+    const int key_base = key_part * (tile_shape<D>::kTileKeys / kKeyParts);
+    mask.exists = 0;
+#pragma unroll
+    for (int nt = 0; nt < kKeyFrags; nt++) {
+        const int2 keys = *reinterpret_cast<const int2 *>(tile_keys + key_base + nt * 8 + 2 * tig);
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            mask.word[nt][i] = load_mask_word(rows[i], keys.x, keys.y, p.mask_words);
+            mask.exists |= (uint32_t) key_exists(rows[i], keys.x) << ((nt * 2 + i) * 2);
+            mask.exists |= (uint32_t) key_exists(rows[i], keys.y) << ((nt * 2 + i) * 2 + 1);
+        }
+    }
+}
+
+// ---- one tile: S = Q K^T, soft-cap and mask, online softmax, O += P V ------------------------------
+
+// The warp's rows against its part of the tile: keys [key_part, key_part + 1) * kTileKeys / kKeyParts.
+template <int D, int kKeyParts, bool kSoftcap>
+__device__ __forceinline__ void attend_tile(const attn_params & p, int row_warp, int key_part, uint32_t q_smem_addr,
+                                            const uint32_t (&q_frag)[attn_traits<D>::kQInRegisters ? D / 16 : 1][4],
+                                            uint32_t k_addr, uint32_t v_addr, const tile_mask<D, kKeyParts> & mask,
+                                            float (&o)[D / 8][4], float (&m_run)[2],
+                                            float (&l_run)[2]) {
+    using T = tile_shape<D>;
+    constexpr int kKeyFrags = T::kKeyFrags / kKeyParts;  // this warp's 8-key n-tiles
+    constexpr int kKeySteps = T::kKeySteps / kKeyParts;  // and 16-key k-steps of P.V
+    const int lane     = threadIdx.x % kWarpSize;
+    const int key_base = key_part * (T::kTileKeys / kKeyParts);
+
+    // S = Q K^T. K tile rows are keys, so plain ldmatrix yields the "col" B fragment; one x4 gives
+    // the b0/b1 pairs of two 8-key n-tiles.
+    float s[kKeyFrags][4];
+#pragma unroll
+    for (int nt = 0; nt < kKeyFrags; nt++) {
+        s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+    }
+#pragma unroll
+    for (int ks = 0; ks < T::kDSteps; ks++) {
+        uint32_t a[4];
+        if constexpr (T::kQInRegisters) {
+            a[0] = q_frag[ks][0]; a[1] = q_frag[ks][1]; a[2] = q_frag[ks][2]; a[3] = q_frag[ks][3];
+        } else {
+            const int row = row_warp * kWarpRows + lane % 16, chunk = 2 * ks + lane / 16;
+            ldmatrix_x4(a, q_smem_addr + 2 * swizzled<D>(row, chunk));
+        }
+#pragma unroll
+        for (int np = 0; np < kKeyFrags / 2; np++) {
+            const int mat = lane / 8;
+            const int key = key_base + np * 16 + (mat / 2) * 8 + lane % 8, chunk = 2 * ks + mat % 2;
+            uint32_t b[4];
+            ldmatrix_x4(b, k_addr + 2 * swizzled<D>(key, chunk));
+            mma_16816(s[2 * np], a, b[0], b[1]);
+            mma_16816(s[2 * np + 1], a, b[2], b[3]);
+        }
+    }
+
+    // Scores in the log2 domain: [softcap * log2(e) * tanh(.) | .] + mask * log2(e). Q already carries
+    // scale * log2(e) (scale / softcap when soft-capping). Missing keys have mask -inf.
+    float tile_max[2] = { -INFINITY, -INFINITY };
+#pragma unroll
+    for (int nt = 0; nt < kKeyFrags; nt++) {
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            const int i = c / 2;
+            const float m = mask.value(nt, c);
+            float x = s[nt][c];
+            if constexpr (kSoftcap) {
+                x = p.softcap_log2e * tanhf(x);
+            }
+            s[nt][c]    = fmaf(m, kLog2e, x);
+            tile_max[i] = fmaxf(tile_max[i], s[nt][c]);
+        }
+    }
+
+    // Online softmax. The four threads of a quad share a row. A row with no finite score so far keeps
+    // max -inf; it then uses 0 as reference, so exp2(-inf - 0) = 0 and no -inf - -inf NaN appears.
+    float correction[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffff, tile_max[i], 1));
+        tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffff, tile_max[i], 2));
+        const float m_new = fmaxf(m_run[i], tile_max[i]);
+        const float m_ref = m_new == -INFINITY ? 0.0f : m_new;
+        correction[i] = exp2f(m_run[i] - m_ref);
+        m_run[i]      = m_new;
+        l_run[i] *= correction[i];  // per-thread partial sums; the quad adds them up at the end
+#pragma unroll
+        for (int nt = 0; nt < kKeyFrags; nt++) {
+            s[nt][2 * i]     = exp2f(s[nt][2 * i] - m_ref);
+            s[nt][2 * i + 1] = exp2f(s[nt][2 * i + 1] - m_ref);
+            l_run[i] += s[nt][2 * i] + s[nt][2 * i + 1];
+        }
+    }
+#pragma unroll
+    for (int dt = 0; dt < T::kOutFrags; dt++) {
+        o[dt][0] *= correction[0];
+        o[dt][1] *= correction[0];
+        o[dt][2] *= correction[1];
+        o[dt][3] *= correction[1];
+    }
+
+    // O += P V. The C fragments of n-tiles 2kk and 2kk+1 are exactly the A fragment of keys
+    // key_base + [16kk, 16kk + 16). V tile rows are keys, so ldmatrix.trans yields the B fragment; one x4 gives
+    // the b0/b1 pairs of two 8-column output n-tiles.
+#pragma unroll
+    for (int kk = 0; kk < kKeySteps; kk++) {
+        const uint32_t a[4] = { pack_half2(s[2 * kk][0], s[2 * kk][1]), pack_half2(s[2 * kk][2], s[2 * kk][3]),
+                                pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                pack_half2(s[2 * kk + 1][2], s[2 * kk + 1][3]) };
+#pragma unroll
+        for (int dp = 0; dp < T::kOutFrags / 2; dp++) {
+            const int mat = lane / 8;
+            const int key = key_base + kk * 16 + (mat % 2) * 8 + lane % 8, chunk = 2 * dp + mat / 2;
+            uint32_t b[4];
+            ldmatrix_x4_trans(b, v_addr + 2 * swizzled<D>(key, chunk));
+            mma_16816(o[2 * dp], a, b[0], b[1]);
+            mma_16816(o[2 * dp + 1], a, b[2], b[3]);
+        }
+    }
+}
+
+// Merges the softmax states of the kKeyParts warps that share a row group (each saw its own keys of
+// every tile) into the key_part 0 warp: rescale to the common max, add l and O. Partials go through
+// shared memory (the idle ring) in fragment order, so each lane reads back what the same lane wrote.
+template <int D, int kKeyParts>
+__device__ void merge_key_parts(float * partials, float (*m_part)[kWarpRows], float (*l_part)[kWarpRows], int key_part,
+                                const float (&m_run)[2], float (&l)[2], float (&o)[D / 8][4]) {
+    constexpr int kOutFrags = D / 8;
+    const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+    const int row0 = lane / 4, tig = lane % 4;
+    const int first_warp = warp - key_part;  // the row group's key_part 0 warp
+    if (tig == 0) {
+        m_part[warp][row0]     = m_run[0];
+        m_part[warp][row0 + 8] = m_run[1];
+    }
+    __syncthreads();
+    float scale[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        float m_all = -INFINITY;
+#pragma unroll
+        for (int q = 0; q < kKeyParts; q++) {
+            m_all = fmaxf(m_all, m_part[first_warp + q][row0 + 8 * i]);
+        }
+        scale[i] = exp2f(m_run[i] - (m_all == -INFINITY ? 0.0f : m_all));  // 0 for a part without keys
+        l[i] *= scale[i];
+    }
+#pragma unroll
+    for (int dt = 0; dt < kOutFrags; dt++) {
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            o[dt][c] *= scale[c / 2];
+        }
+    }
+    if (key_part != 0) {
+#pragma unroll
+        for (int dt = 0; dt < kOutFrags; dt++) {
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                partials[((warp * kOutFrags + dt) * 4 + c) * kWarpSize + lane] = o[dt][c];
+            }
+        }
+        if (tig == 0) {
+            l_part[warp][row0]     = l[0];
+            l_part[warp][row0 + 8] = l[1];
+        }
+    }
+    __syncthreads();
+    if (key_part == 0) {
+#pragma unroll
+        for (int q = 1; q < kKeyParts; q++) {
+#pragma unroll
+            for (int dt = 0; dt < kOutFrags; dt++) {
+#pragma unroll
+                for (int c = 0; c < 4; c++) {
+                    o[dt][c] += partials[(((warp + q) * kOutFrags + dt) * 4 + c) * kWarpSize + lane];
+                }
+            }
+            l[0] += l_part[warp + q][row0];
+            l[1] += l_part[warp + q][row0 + 8];
+        }
+    }
+}
+
+// Normalises the thread's two rows and stores them; a row without any finite score writes zeros (as
+// the CPU kernel does). Ghost rows (row_r < 0) are not written.
+template <int D>
+__device__ __forceinline__ void store_rows(const attn_params & p, const int (&row_r)[2], const int (&row_h)[2],
+                                           const float (&l)[2], const float (&o)[D / 8][4]) {
+    const int tig = threadIdx.x % 4;
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        if (row_r[i] < 0) {
+            continue;
+        }
+        const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+        float * out = p.dst + ((int64_t) row_r[i] * p.n_head + row_h[i]) * D + 2 * tig;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt++) {
+            const float2 val = l[i] > 0.0f ? make_float2(o[dt][2 * i] * inv, o[dt][2 * i + 1] * inv)
+                                           : make_float2(0.0f, 0.0f);
+            *reinterpret_cast<float2 *>(out + dt * 8) = val;
+        }
+    }
+}
+
+#endif  // DHSA_ATTN_NO_DEVICE_CODE
+
+// ---- the kernel ---------------------------------------------------------------------------------
+
+// One CTA: query block b, KV head g, rows [sub * rows_per_cta, ...) of the block's (row, head) pairs.
+// Warp w takes row group w / kKeyParts and, of every tile, key part w % kKeyParts.
+template <int D, int kKeyParts, bool kSoftcap>
+__global__ void __launch_bounds__(attn_traits<D>::kMaxWarps * kWarpSize, 1)
+dhsa_attn_kernel(const attn_params p) {
+#ifndef DHSA_ATTN_NO_DEVICE_CODE
+    using T = tile_shape<D>;
+    extern __shared__ __align__(16) unsigned char smem[];
+    __shared__ int cta_key_end;
+    __shared__ __align__(8) int tile_keys[3][T::kTileKeys];  // key of each tile slot, -1: empty
+    __shared__ int tile_count[3];                             // keys in each map, 0: past the last tile
+
+    const int lane     = threadIdx.x % kWarpSize;
+    const int warp     = threadIdx.x / kWarpSize;
+    const int row_warp = warp / kKeyParts;
+    const int key_part = warp % kKeyParts;
+    const int rows_per_cta = (int) blockDim.x / (kWarpSize * kKeyParts) * kWarpRows;
+
+    // Longest blocks (latest queries) first: less tail when causal work grows with the block index.
+    const int b   = p.n_blocks - 1 - (int) (blockIdx.x / p.n_sub);
+    const int sub = (int) (blockIdx.x % p.n_sub);
+    const int g   = (int) blockIdx.y;
+
+    const int first_row     = b * p.q_block;
+    const int rows_in_block = min(p.q_block, p.n_q - first_row) * p.group;  // flattened (row, head) pairs
+    const int row0_flat     = sub * rows_per_cta;
+    if (row0_flat >= rows_in_block) {
+        return;  // a sub-tile past a short last block: no rows (uniform over the CTA)
+    }
+
+    // This thread's two rows.
+    thread_row rows[2];
+    int row_r[2], row_h[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const int m = row0_flat + row_warp * kWarpRows + lane / 4 + 8 * i;
+        row_r[i] = -1;
+        row_h[i] = 0;
+        rows[i]  = { 0, p.mask };
+        if (m < rows_in_block) {
+            row_r[i] = first_row + m / p.group;
+            row_h[i] = g * p.group + m % p.group;
+            rows[i]  = { min(__ldg(p.pos + row_r[i]) + 1, p.n_kv), p.mask + (int64_t) row_r[i] * p.mask_row };
+        }
+    }
+
+    // Keys past the last row's position exist for no row of the warp (skipped) or of the CTA (not loaded).
+    int warp_key_end = max(rows[0].key_end, rows[1].key_end);
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) {
+        warp_key_end = max(warp_key_end, __shfl_xor_sync(0xffffffff, warp_key_end, off));
+    }
+    if (threadIdx.x == 0) {
+        cta_key_end = 0;
+    }
+    __syncthreads();
+    if (lane == 0) {
+        atomicMax(&cta_key_end, warp_key_end);
+    }
+
+    // Q -> shared (f16, scaled) -> registers when they hold it.
+    half * ring   = reinterpret_cast<half *>(smem);
+    half * q_smem = reinterpret_cast<half *>(smem + T::kQOffset);
+    load_q_tile<D>(p, q_smem, rows_per_cta, row0_flat, rows_in_block, first_row);
+    __syncthreads();
+    const int key_end = min(cta_key_end, p.n_kv);
+
+    uint32_t q_frag[T::kQInRegisters ? D / 16 : 1][4];
+    if constexpr (T::kQInRegisters) {
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ks++) {
+            const int row = row_warp * kWarpRows + lane % 16, chunk = 2 * ks + lane / 16;
+            ldmatrix_x4(q_frag[ks], smem_address(q_smem + swizzled<D>(row, chunk)));
+        }
+        __syncthreads();  // the ring overwrites Q's staging area from here on
+    }
+
+    float o[D / 8][4];
+#pragma unroll
+    for (int dt = 0; dt < D / 8; dt++) {
+        o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
+    }
+    float m_run[2] = { -INFINITY, -INFINITY };
+    float l_run[2] = { 0.0f, 0.0f };
+
+    const int32_t * slot = p.slots + ((int64_t) b * p.n_head_kv + g) * p.slot_size;
+    const half * k_head  = p.k + (int64_t) g * p.k_head;
+    const half * v_head  = p.v + (int64_t) g * p.v_head;
+    const uint32_t ring_addr   = smem_address(ring);
+    const uint32_t q_smem_addr = smem_address(q_smem);
+
+    // Pipeline over packed tiles: while tile i is multiplied (ring stage i % 2), tile i + 1 is in
+    // flight to the other stage and the last warp builds the key map of tile i + 2 (three maps in
+    // rotation); the walk's load latency then hides behind the other warps' mmas instead of stalling
+    // the whole CTA between two barriers. The barrier after each tile keeps the next iteration's
+    // writes off the stage and the map still being read.
+    const bool is_builder = warp == (int) blockDim.x / kWarpSize - 1;
+    range_walker walker;
+    if (is_builder) {
+        seek_range(slot, 0, key_end, walker);
+        build_key_map<T::kTileKeys>(slot, key_end, walker, tile_keys[0], &tile_count[0]);
+        build_key_map<T::kTileKeys>(slot, key_end, walker, tile_keys[1], &tile_count[1]);
+    }
+    __syncthreads();
+    if (tile_count[0] > 0) {
+        load_kv_tile<D>(p, k_head, v_head, tile_keys[0], ring);
+    }
+    cp_async_commit();
+    tile_mask<D, kKeyParts> mask, mask_next;  // the mask of tile i and of tile i + 1
+    load_tile_mask<D, kKeyParts>(p, tile_keys[0], key_part, rows, mask);
+    for (int i = 0; tile_count[i % 3] > 0; i++) {
+        const int stage = i % 2;
+        if (tile_count[(i + 1) % 3] > 0) {
+            load_kv_tile<D>(p, k_head, v_head, tile_keys[(i + 1) % 3], ring + (stage ^ 1) * (T::kStageBytes / 2));
+        }
+        cp_async_commit();
+        load_tile_mask<D, kKeyParts>(p, tile_keys[(i + 1) % 3], key_part, rows, mask_next);  // past the end: no loads
+        cp_async_wait<1>();  // tile i has landed (tile i + 1 may still be in flight)
+        __syncthreads();
+
+        if (is_builder) {
+            build_key_map<T::kTileKeys>(slot, key_end, walker, tile_keys[(i + 2) % 3], &tile_count[(i + 2) % 3]);
+        }
+        // Warp-uniform skip: keys ascend, so the part's first key is its smallest. Its first slot may
+        // be a parity gap, never its first two (both empty: the part is past the last key).
+        const int * part_keys = tile_keys[i % 3] + key_part * (T::kTileKeys / kKeyParts);
+        const int first_key   = part_keys[0] >= 0 ? part_keys[0] : part_keys[1];
+        if ((unsigned) first_key < (unsigned) warp_key_end) {
+            const uint32_t k_addr = ring_addr + stage * T::kStageBytes;
+            attend_tile<D, kKeyParts, kSoftcap>(p, row_warp, key_part, q_smem_addr, q_frag, k_addr,
+                                                k_addr + T::kTileBytes, mask, o, m_run, l_run);
+        }
+        __syncthreads();
+        mask = mask_next;
+    }
+
+    // Row sums: the four threads of a quad hold partial sums of the same row.
+    float l[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        l[i] = l_run[i];
+        l[i] += __shfl_xor_sync(0xffffffff, l[i], 1);
+        l[i] += __shfl_xor_sync(0xffffffff, l[i], 2);
+    }
+    if constexpr (kKeyParts > 1) {
+        __shared__ float m_part[T::kMaxWarps][kWarpRows], l_part[T::kMaxWarps][kWarpRows];
+        merge_key_parts<D, kKeyParts>(reinterpret_cast<float *>(smem), m_part, l_part, key_part, m_run, l, o);
+        if (key_part != 0) {
+            return;
+        }
+    }
+    store_rows<D>(p, row_r, row_h, l, o);
+#else
+    (void) p;
+    __trap();  // built for an architecture without the sm_80 instructions: dhsa_cuda_attn_supported is false
+#endif
+}
+
+// ---- host side ----------------------------------------------------------------------------------
+
+template <int D, int kKeyParts, bool kSoftcap>
+cudaError_t launch_kernel(const attn_params & p, int n_warps, cudaStream_t stream) {
+    using T = attn_traits<D>;
+    const auto kernel = dhsa_attn_kernel<D, kKeyParts, kSoftcap>;
+    const size_t smem = T::smem_bytes(n_warps / kKeyParts * kWarpRows);
+    if (smem > 48 * 1024) {
+        // Once per device (the attribute belongs to the device's context); a repeated set is harmless.
+        constexpr int kMaxDevices = 64;
+        static bool opted_in[kMaxDevices] = {};
+        int device = 0;
+        cudaError_t err = cudaGetDevice(&device);
+        if (err != cudaSuccess) {
+            return err;
+        }
+        if (device < 0 || device >= kMaxDevices || !opted_in[device]) {
+            err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       (int) T::smem_bytes(T::kMaxWarps * kWarpRows));
+            if (err != cudaSuccess) {
+                return err;
+            }
+            if (device >= 0 && device < kMaxDevices) {
+                opted_in[device] = true;
+            }
+        }
+    }
+    const dim3 grid((unsigned) ((int64_t) p.n_blocks * p.n_sub), (unsigned) p.n_head_kv);
+    kernel<<<grid, n_warps * kWarpSize, smem, stream>>>(p);
+    return cudaGetLastError();
+}
+
+template <int D>
+cudaError_t launch_attn(const dhsa_cuda_attn_args & a, cudaStream_t stream) {
+    using T = attn_traits<D>;
+    attn_params p = {};
+    p.q = a.q;       p.q_row = a.q_row;       p.q_head = a.q_head;
+    p.k = a.k;       p.k_row = a.k_row;       p.k_head = a.k_head;
+    p.v = a.v;       p.v_row = a.v_row;       p.v_head = a.v_head;
+    p.mask = a.mask; p.mask_row = a.mask_row;
+    p.pos       = a.sel;
+    p.slots     = a.sel + a.n_q + 1;  // DHSA_SEL_HEADER(n_q) of ggml-dhsa.h: positions, then the sparse flag
+    p.slot_size = 1 + 2 * (int64_t) a.max_ranges;
+    p.dst       = a.dst;
+    p.n_q = a.n_q;   p.n_kv = a.n_kv;   p.n_head = a.n_head;   p.n_head_kv = a.n_head_kv;
+    p.q_block = a.q_block;
+    p.group   = a.n_head / a.n_head_kv;
+
+    // ggml's conventions: q is scaled before its f16 conversion; with soft-capping the scale is
+    // scale / softcap and the score softcap * tanh(.). log2(e) goes into q (or the cap) for exp2.
+    const bool softcap = a.softcap > 0.0f;
+    p.q_scale       = softcap ? a.scale / a.softcap : a.scale * kLog2e;
+    p.softcap_log2e = softcap ? a.softcap * kLog2e : 0.0f;
+
+    const auto aligned16 = [](const void * ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; };
+    p.mask_words = (reinterpret_cast<uintptr_t>(a.mask) & 3) == 0 && a.mask_row % 2 == 0;
+    p.kv_aligned = aligned16(a.k) && aligned16(a.v) && a.k_row % 8 == 0 && a.k_head % 8 == 0 && a.v_row % 8 == 0 &&
+                   a.v_head % 8 == 0;
+
+    // Rows of one block: (query row, head) pairs, in groups of 16 (one per warp). Few groups (decode,
+    // short ubatches) split every tile's keys between T::kMaxKeyParts warps per group instead.
+    const int64_t block_rows  = (int64_t) (a.q_block < a.n_q ? a.q_block : a.n_q) * p.group;
+    const int64_t row_groups  = (block_rows + kWarpRows - 1) / kWarpRows;
+    const bool    split_keys  = row_groups * T::kMaxKeyParts <= T::kMaxWarps;
+    const int     cta_groups  = (int) (row_groups < T::kMaxWarps ? row_groups : T::kMaxWarps);
+    const int64_t n_sub       = (row_groups + cta_groups - 1) / cta_groups;
+    const int64_t n_blocks    = ((int64_t) a.n_q + a.q_block - 1) / a.q_block;
+    if (block_rows > INT_MAX || n_blocks * n_sub > INT_MAX || a.n_head_kv > 65535) {
+        return cudaErrorInvalidValue;
+    }
+    p.n_blocks = (int32_t) n_blocks;
+    p.n_sub    = (int32_t) n_sub;
+
+    if (split_keys) {
+        const int n_warps = cta_groups * T::kMaxKeyParts;
+        return softcap ? launch_kernel<D, T::kMaxKeyParts, true>(p, n_warps, stream)
+                       : launch_kernel<D, T::kMaxKeyParts, false>(p, n_warps, stream);
+    }
+    return softcap ? launch_kernel<D, 1, true>(p, cta_groups, stream) : launch_kernel<D, 1, false>(p, cta_groups, stream);
+}
+
+}  // namespace
+
+// No scratch yet: every (block, KV head) walks its keys in one CTA.
+size_t dhsa_cuda_attn_scratch_size(const dhsa_cuda_attn_args * a) {
+    (void) a;
+    return 0;
+}
+
+bool dhsa_cuda_attn_supported(int32_t d, int compute_capability) {
+    return (d == 64 || d == 128 || d == 256) && compute_capability >= 800;
+}
+
+cudaError_t dhsa_cuda_attn(const dhsa_cuda_attn_args * a, cudaStream_t stream) {
+    if (!a || a->n_q < 0 || a->n_kv < 0 || a->n_head <= 0 || a->n_head_kv <= 0 || a->n_head % a->n_head_kv != 0 ||
+        a->q_block <= 0 || a->max_ranges < 0) {
+        return cudaErrorInvalidValue;
+    }
+    if (a->n_q == 0) {
+        return cudaGetLastError();  // nothing to write
+    }
+    if (!a->q || !a->k || !a->v || !a->mask || !a->sel || !a->dst) {
+        return cudaErrorInvalidValue;
+    }
+    switch (a->d) {
+        case 64:  return launch_attn<64>(*a, stream);
+        case 128: return launch_attn<128>(*a, stream);
+        case 256: return launch_attn<256>(*a, stream);
+        default:  return cudaErrorInvalidValue;
+    }
+}
