@@ -415,6 +415,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows: List[Dict[str, Any]] = []
     t_start = time.time()
     out_path = None if args.no_json else (args.out or default_out("attention"))
+    params = {k: (v if not isinstance(v, Path) else str(v)) for k, v in vars(args).items()}
     grid = [(d, h, hk, n_kv) for d in args.d for (h, hk) in args.heads for n_kv in args.n_kv]
     for (d, h, hk, n_kv) in grid:
         Q, K, V = make_inputs(args.n_q, n_kv, h, hk, d, seed=args.seed)
@@ -423,6 +424,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             row = {"n_kv": n_kv, "n_q": args.n_q, "n_head": h, "n_head_kv": hk, "d": d}
             row.update(bench_config(Q, K, V, budget, args, cfg_extra))
             rows.append(row)
+            if out_path is not None:  # after every row: a long run that is stopped keeps what it measured
+                write_json_atomic(out_path, {"benchmark": "attention", "machine": info, "params": params,
+                                             "command": [sys.executable, *sys.argv], "results": rows})
             m = row["median_ms"]
             log(f"attention: n_kv={n_kv} d={d} heads={h}/{hk} budget={budget:g}: "
                 + " ".join(f"{k} {v:.3f} ms" for k, v in m.items())
@@ -434,7 +438,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     info["wall_s"] = round(time.time() - t_start, 1)
     print_table(rows)
     if out_path is not None:
-        params = {k: (v if not isinstance(v, Path) else str(v)) for k, v in vars(args).items()}
         write_json_atomic(out_path, {"benchmark": "attention", "machine": info, "params": params,
                                      "command": [sys.executable, *sys.argv], "results": rows})
         log(f"attention: wrote {out_path}")
