@@ -25,7 +25,11 @@
 //  - Online softmax in registers; the score accumulator fragment is re-packed as the A fragment of P.V
 //    without going through shared memory.
 //  - Few rows (decode, tiny ubatches): the warps of a 16-row group split every tile's keys and merge
-//    their softmax states at the end, so a CTA still has 4 warps of work.
+//    their softmax states at the end, so a CTA still has 4 warps of work. Such blocks alone give few
+//    CTAs (n_blocks * n_head_kv: 8 for one decode token with 8 KV heads), so each (block, KV head) also
+//    splits its keys into parts of equal key counts, one CTA each, enough to fill the GPU once
+//    ("flash decoding"); the parts' unnormalised (max, sum, O) go to scratch and a second kernel
+//    merges them into dst.
 
 #include "dhsa-cuda.h"
 
@@ -81,7 +85,12 @@ struct attn_params {
     float * dst;
     int32_t n_q, n_kv, n_head, n_head_kv, q_block, group;
     int32_t n_blocks;       // query blocks
-    int32_t n_sub;          // CTAs per (query block, KV head)
+    int32_t n_sub;          // CTAs per (query block, KV head) along the rows
+    int32_t n_parts;        // CTAs per (query block, KV head) along the keys (few-row kernels only)
+    int32_t part_rows;      // rows of a full block: the row stride of the partial states
+    float * part_o;         // n_parts > 1: unnormalised O of part (b, g, part), row m at
+                            // ((b * n_head_kv + g) * n_parts + part) * part_rows + m, D floats each
+    float2 * part_ml;       // n_parts > 1: (max in the log2 domain, sum) of the same rows
     float q_scale;          // multiplies q before its f16 conversion
     float softcap_log2e;    // softcap * log2(e) (soft-capping kernels only)
     bool kv_aligned;        // every K/V row segment starts on 16 bytes: cp.async; else a scalar path
@@ -235,7 +244,9 @@ __device__ void load_kv_tile(const attn_params & p, const half * k_head, const h
 
 // Tiles are packed: a tile takes the next kTileKeys keys of the slot's ranges, across range ends, so
 // short ranges (chunks of 16..128 keys) do not leave tiles half empty. The walk is the same in every
-// thread of the CTA (uniform loads of the slot), so its state lives in registers.
+// thread of the CTA (uniform loads of the slot), so its state lives in registers. A CTA walks the keys
+// in [key_begin, key_end) of the ranges: all of them up to its rows' last position, or one part of
+// them when the walk is split across CTAs (find_part).
 struct range_walker {
     int range;  // index of the current range
     int key;    // next key to take
@@ -243,12 +254,13 @@ struct range_walker {
     bool done;
 };
 
-// Moves to the first non-empty range at or after `range`, clipped to [0, key_end). Ranges are sorted,
-// so the walk ends at the first one starting at or past key_end.
-__device__ __forceinline__ void seek_range(const int32_t * slot, int range, int key_end, range_walker & w) {
+// Moves to the first non-empty range at or after `range`, clipped to [key_begin, key_end) (key_begin
+// >= 0). Ranges are sorted, so the walk ends at the first one starting at or past key_end.
+__device__ __forceinline__ void seek_range(const int32_t * slot, int range, int key_begin, int key_end,
+                                           range_walker & w) {
     const int count = __ldg(slot);
     for (; range < count; range++) {
-        const int start = max(__ldg(slot + 1 + 2 * range), 0);
+        const int start = max(__ldg(slot + 1 + 2 * range), key_begin);
         const int end   = min(__ldg(slot + 2 + 2 * range), key_end);
         if (start >= key_end) {
             break;
@@ -267,7 +279,8 @@ __device__ __forceinline__ void seek_range(const int32_t * slot, int range, int 
 // slot pair is one aligned 32-bit word: a key goes to a slot of its own parity, and a range that
 // starts in the middle of a slot pair closes that pair first (one or two empty slots per range).
 template <int kTileKeys>
-__device__ void build_key_map(const int32_t * slot, int key_end, range_walker & w, int * tile_keys, int * count) {
+__device__ void build_key_map(const int32_t * slot, int key_begin, int key_end, range_walker & w, int * tile_keys,
+                              int * count) {
     const int lane = threadIdx.x % kWarpSize;
     int filled   = 0;
     int last_key = -1;  // key in slot filled - 1 (-1: empty or none)
@@ -290,7 +303,7 @@ __device__ void build_key_map(const int32_t * slot, int key_end, range_walker & 
         w.key += n;
         last_key = w.key - 1;
         if (w.key == w.end) {
-            seek_range(slot, w.range + 1, key_end, w);
+            seek_range(slot, w.range + 1, key_begin, key_end, w);
         }
     }
     for (int t = filled + lane; t < kTileKeys; t += kWarpSize) {
@@ -299,6 +312,84 @@ __device__ void build_key_map(const int32_t * slot, int key_end, range_walker & 
     if (lane == 0) {
         *count = filled;
     }
+}
+
+// ---- split walks: one part of a slot's keys per CTA ---------------------------------------------
+
+// Few-row blocks (decode) have few CTAs: n_blocks * n_head_kv. Each (block, KV head) then splits its
+// keys into n_parts parts of (nearly) equal key counts, one CTA each, and a merge kernel combines the
+// parts' softmax states. A part is a run of the walk order; ranges are sorted and disjoint (ALGORITHM.md,
+// step 5), so the run is the key interval [lo, hi) of the clipped ranges, and the walk takes it unchanged.
+struct key_span {
+    int lo, hi;  // keys of the part: [lo, hi) of the ranges, clipped to [0, key_end)
+    int range;   // the first range that can hold key lo (the walk's first seek)
+};
+
+// Number of keys of range r clipped to [0, key_end).
+__device__ __forceinline__ int clipped_length(const int32_t * slot, int r, int key_end) {
+    const int start = max(__ldg(slot + 1 + 2 * r), 0);
+    const int end   = min(__ldg(slot + 2 + 2 * r), key_end);
+    return max(end - start, 0);
+}
+
+// Part `part` of n_parts, by key count: keys [total * part / n_parts, total * (part + 1) / n_parts) of
+// the walk order. Each thread sums the clipped lengths of a contiguous run of ranges (its loads are
+// independent, so a slot of a thousand ranges costs about one memory latency, not one per range); a
+// scan over the threads' sums tells which thread's run holds each boundary, and that thread finds the
+// boundary's key in its run (reloading the run from L1). Called by the whole CTA.
+template <int kMaxWarps>
+__device__ key_span find_part(const int32_t * slot, int key_end, int part, int n_parts) {
+    __shared__ int warp_sums[kMaxWarps];
+    __shared__ key_span span;
+    const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+    const int count = __ldg(slot);
+    const int per   = (count + (int) blockDim.x - 1) / (int) blockDim.x;
+    const int first = min((int) threadIdx.x * per, count), last = min(first + per, count);
+    int sum = 0;
+#pragma unroll 4
+    for (int r = first; r < last; r++) {
+        sum += clipped_length(slot, r, key_end);
+    }
+    int incl = sum;  // inclusive scan over the warp
+#pragma unroll
+    for (int off = 1; off < kWarpSize; off *= 2) {
+        const int x = __shfl_up_sync(0xffffffff, incl, off);
+        incl += lane >= off ? x : 0;
+    }
+    if (lane == kWarpSize - 1) {
+        warp_sums[warp] = incl;
+    }
+    if (threadIdx.x == 0) {
+        span = { key_end, key_end, count };  // boundaries at the end of the walk (no thread owns them)
+    }
+    __syncthreads();
+    int before = incl - sum, total = 0;  // keys before this thread's run, keys of the slot
+    for (int w = 0; w < (int) blockDim.x / kWarpSize; w++) {
+        const int x = warp_sums[w];
+        total += x;
+        before += w < warp ? x : 0;
+    }
+    // Walk-order positions of this part's first key and of the next part's first key.
+    const int t_lo = (int) ((int64_t) total * part / n_parts);
+    const int t_hi = (int) ((int64_t) total * (part + 1) / n_parts);
+    const bool has_lo = t_lo >= before && t_lo < before + sum;
+    const bool has_hi = t_hi >= before && t_hi < before + sum;
+    if (has_lo || has_hi) {
+        for (int r = first, at = before; r < last; r++) {
+            const int start = max(__ldg(slot + 1 + 2 * r), 0);
+            const int len   = clipped_length(slot, r, key_end);
+            if (has_lo && t_lo >= at && t_lo < at + len) {
+                span.lo    = start + (t_lo - at);
+                span.range = r;
+            }
+            if (has_hi && t_hi >= at && t_hi < at + len) {
+                span.hi = start + (t_hi - at);
+            }
+            at += len;
+        }
+    }
+    __syncthreads();
+    return span;
 }
 
 // ---- per-thread rows ----------------------------------------------------------------------------
@@ -479,11 +570,12 @@ __device__ __forceinline__ void attend_tile(const attn_params & p, int row_warp,
 }
 
 // Merges the softmax states of the kKeyParts warps that share a row group (each saw its own keys of
-// every tile) into the key_part 0 warp: rescale to the common max, add l and O. Partials go through
-// shared memory (the idle ring) in fragment order, so each lane reads back what the same lane wrote.
+// every tile) into the key_part 0 warp: rescale to the common max (left in m_run), add l and O.
+// Partials go through shared memory (the idle ring) in fragment order, so each lane reads back what
+// the same lane wrote.
 template <int D, int kKeyParts>
 __device__ void merge_key_parts(float * partials, float (*m_part)[kWarpRows], float (*l_part)[kWarpRows], int key_part,
-                                const float (&m_run)[2], float (&l)[2], float (&o)[D / 8][4]) {
+                                float (&m_run)[2], float (&l)[2], float (&o)[D / 8][4]) {
     constexpr int kOutFrags = D / 8;
     const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
     const int row0 = lane / 4, tig = lane % 4;
@@ -503,6 +595,7 @@ __device__ void merge_key_parts(float * partials, float (*m_part)[kWarpRows], fl
         }
         scale[i] = exp2f(m_run[i] - (m_all == -INFINITY ? 0.0f : m_all));  // 0 for a part without keys
         l[i] *= scale[i];
+        m_run[i] = m_all;  // the reference of the merged state (a split walk stores it)
     }
 #pragma unroll
     for (int dt = 0; dt < kOutFrags; dt++) {
@@ -563,11 +656,36 @@ __device__ __forceinline__ void store_rows(const attn_params & p, const int (&ro
     }
 }
 
+// Split walks: stores the thread's two rows' unnormalised state (max in the log2 domain, sum, O) as
+// part `part_index` (= (b * n_head_kv + g) * n_parts + part) for dhsa_attn_merge_kernel. row_m is the row's
+// index in its block, -1 for ghost rows (not written, and not read by the merge).
+template <int D>
+__device__ __forceinline__ void store_partial(const attn_params & p, int64_t part_index, const int (&row_m)[2],
+                                              const float (&m)[2], const float (&l)[2], const float (&o)[D / 8][4]) {
+    const int tig = threadIdx.x % 4;
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        if (row_m[i] < 0) {
+            continue;
+        }
+        const int64_t row = part_index * p.part_rows + row_m[i];
+        float * out = p.part_o + row * D + 2 * tig;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt++) {
+            *reinterpret_cast<float2 *>(out + dt * 8) = make_float2(o[dt][2 * i], o[dt][2 * i + 1]);
+        }
+        if (tig == 0) {
+            p.part_ml[row] = make_float2(m[i], l[i]);
+        }
+    }
+}
+
 #endif  // DHSA_ATTN_NO_DEVICE_CODE
 
 // ---- the kernel ---------------------------------------------------------------------------------
 
-// One CTA: query block b, KV head g, rows [sub * rows_per_cta, ...) of the block's (row, head) pairs.
+// One CTA: query block b, KV head g, rows [sub * rows_per_cta, ...) of the block's (row, head) pairs,
+// and, for few-row kernels (kKeyParts > 1) with n_parts > 1, part `part` of the block's keys.
 // Warp w takes row group w / kKeyParts and, of every tile, key part w % kKeyParts.
 template <int D, int kKeyParts, bool kSoftcap>
 __global__ void __launch_bounds__(attn_traits<D>::kMaxWarps * kWarpSize, 1)
@@ -586,9 +704,12 @@ dhsa_attn_kernel(const attn_params p) {
     const int rows_per_cta = (int) blockDim.x / (kWarpSize * kKeyParts) * kWarpRows;
 
     // Longest blocks (latest queries) first: less tail when causal work grows with the block index.
-    const int b   = p.n_blocks - 1 - (int) (blockIdx.x / p.n_sub);
-    const int sub = (int) (blockIdx.x % p.n_sub);
-    const int g   = (int) blockIdx.y;
+    // blockIdx.x = (block from the last * n_sub + sub) * n_parts + part; n_parts is 1 for many rows.
+    const int      part = kKeyParts > 1 ? (int) (blockIdx.x % p.n_parts) : 0;
+    const unsigned cta  = kKeyParts > 1 ? blockIdx.x / p.n_parts : blockIdx.x;
+    const int      b    = p.n_blocks - 1 - (int) (cta / p.n_sub);
+    const int      sub  = (int) (cta % p.n_sub);
+    const int      g    = (int) blockIdx.y;
 
     const int first_row     = b * p.q_block;
     const int rows_in_block = min(p.q_block, p.n_q - first_row) * p.group;  // flattened (row, head) pairs
@@ -634,6 +755,20 @@ dhsa_attn_kernel(const attn_params p) {
     __syncthreads();
     const int key_end = min(cta_key_end, p.n_kv);
 
+    // The keys this CTA walks: [span.lo, span.hi) of the slot's ranges, from range span.range on.
+    const int32_t * slot = p.slots + ((int64_t) b * p.n_head_kv + g) * p.slot_size;
+    key_span span = { 0, key_end, 0 };
+    __shared__ int64_t cta_part_index;  // where a split walk stores its state; read back at the end (in
+                                        // shared memory, not kept live in registers across the tile loop)
+    if constexpr (kKeyParts > 1) {
+        if (p.n_parts > 1) {
+            if (threadIdx.x == 0) {
+                cta_part_index = ((int64_t) b * p.n_head_kv + g) * p.n_parts + part;
+            }
+            span = find_part<T::kMaxWarps>(slot, key_end, part, p.n_parts);
+        }
+    }
+
     uint32_t q_frag[T::kQInRegisters ? D / 16 : 1][4];
     if constexpr (T::kQInRegisters) {
 #pragma unroll
@@ -652,7 +787,6 @@ dhsa_attn_kernel(const attn_params p) {
     float m_run[2] = { -INFINITY, -INFINITY };
     float l_run[2] = { 0.0f, 0.0f };
 
-    const int32_t * slot = p.slots + ((int64_t) b * p.n_head_kv + g) * p.slot_size;
     const half * k_head  = p.k + (int64_t) g * p.k_head;
     const half * v_head  = p.v + (int64_t) g * p.v_head;
     const uint32_t ring_addr   = smem_address(ring);
@@ -666,9 +800,9 @@ dhsa_attn_kernel(const attn_params p) {
     const bool is_builder = warp == (int) blockDim.x / kWarpSize - 1;
     range_walker walker;
     if (is_builder) {
-        seek_range(slot, 0, key_end, walker);
-        build_key_map<T::kTileKeys>(slot, key_end, walker, tile_keys[0], &tile_count[0]);
-        build_key_map<T::kTileKeys>(slot, key_end, walker, tile_keys[1], &tile_count[1]);
+        seek_range(slot, span.range, span.lo, span.hi, walker);
+        build_key_map<T::kTileKeys>(slot, span.lo, span.hi, walker, tile_keys[0], &tile_count[0]);
+        build_key_map<T::kTileKeys>(slot, span.lo, span.hi, walker, tile_keys[1], &tile_count[1]);
     }
     __syncthreads();
     if (tile_count[0] > 0) {
@@ -688,7 +822,8 @@ dhsa_attn_kernel(const attn_params p) {
         __syncthreads();
 
         if (is_builder) {
-            build_key_map<T::kTileKeys>(slot, key_end, walker, tile_keys[(i + 2) % 3], &tile_count[(i + 2) % 3]);
+            build_key_map<T::kTileKeys>(slot, span.lo, span.hi, walker, tile_keys[(i + 2) % 3],
+                                        &tile_count[(i + 2) % 3]);
         }
         // Warp-uniform skip: keys ascend, so the part's first key is its smallest. Its first slot may
         // be a parity gap, never its first two (both empty: the part is past the last key).
@@ -717,6 +852,15 @@ dhsa_attn_kernel(const attn_params p) {
         if (key_part != 0) {
             return;
         }
+        if (p.n_parts > 1) {  // a part of the keys: the merge kernel normalises and writes dst
+            int row_m[2];
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                row_m[i] = row_r[i] < 0 ? -1 : row_warp * kWarpRows + lane / 4 + 8 * i;  // n_sub is 1
+            }
+            store_partial<D>(p, cta_part_index, row_m, m_run, l, o);
+            return;
+        }
     }
     store_rows<D>(p, row_r, row_h, l, o);
 #else
@@ -725,10 +869,181 @@ dhsa_attn_kernel(const attn_params p) {
 #endif
 }
 
+// ---- split walks: the merge ----------------------------------------------------------------------
+
+constexpr int kSplitMaxParts = 256;  // at most one part per thread of the merge kernel
+constexpr int kMergeThreads  = 256;
+static_assert(kSplitMaxParts <= kMergeThreads, "one part's (max, sum) per merge thread");
+
+// Reduction over the CTA of the merge kernel (a value per thread -> the result in every thread).
+template <bool kMax>
+__device__ __forceinline__ float merge_reduce(float x, float * red) {
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) {
+        const float y = __shfl_xor_sync(0xffffffff, x, off);
+        x = kMax ? fmaxf(x, y) : x + y;
+    }
+    if (threadIdx.x % kWarpSize == 0) {
+        red[threadIdx.x / kWarpSize] = x;
+    }
+    __syncthreads();
+    x = red[0];
+#pragma unroll
+    for (int w = 1; w < kMergeThreads / kWarpSize; w++) {
+        x = kMax ? fmaxf(x, red[w]) : x + red[w];
+    }
+    __syncthreads();  // red is reused by the next reduction
+    return x;
+}
+
+// Merges the n_parts states of one row of one (block, KV head) and writes its dst row as store_rows
+// does: O / l, zeros for a row without a finite score. One CTA per row, with every part's loads in
+// flight at once (a loop over the parts in one warp would wait one memory latency per part): thread t
+// takes part t's (max, sum); then kGroups threads per float4 column of O each sum every kGroups-th
+// part, and shared memory adds up the groups.
+template <int D>
+__global__ void __launch_bounds__(kMergeThreads) dhsa_attn_merge_kernel(const attn_params p) {
+#ifndef DHSA_ATTN_NO_DEVICE_CODE
+    constexpr int kCols   = D / 4;                  // float4 columns of a row
+    constexpr int kGroups = kMergeThreads / kCols;  // threads per column
+    __shared__ float weight[kSplitMaxParts];
+    __shared__ float red[kMergeThreads / kWarpSize];
+    __shared__ float4 group_sum[kGroups][kCols];
+
+    const int64_t slot_index = blockIdx.x / p.part_rows;  // b * n_head_kv + g
+    const int m = (int) (blockIdx.x % p.part_rows);
+    const int b = (int) (slot_index / p.n_head_kv), g = (int) (slot_index % p.n_head_kv);
+    const int first_row = b * p.q_block;
+    if (m >= min(p.q_block, p.n_q - first_row) * p.group) {
+        return;  // past the rows of a short last block (uniform over the CTA)
+    }
+
+    // Part q's state of this row is at row0 + q * part_rows. A part without a finite score has max
+    // -inf and weight 0; if no part has one, the reference is 0 (no -inf - -inf) and l stays 0.
+    const int64_t row0 = slot_index * p.n_parts * p.part_rows + m;
+    const int t = threadIdx.x;
+    const float2 state = t < p.n_parts ? p.part_ml[row0 + (int64_t) t * p.part_rows] : make_float2(-INFINITY, 0.0f);
+    const float  m_max = merge_reduce<true>(state.x, red);
+    const float  w     = exp2f(state.x - (m_max == -INFINITY ? 0.0f : m_max));
+    if (t < p.n_parts) {
+        weight[t] = w;
+    }
+    const float l = merge_reduce<false>(state.y * w, red);  // also orders the weight stores
+
+    const int col = t % kCols, group = t / kCols;
+    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 4
+    for (int q = group; q < p.n_parts; q += kGroups) {
+        const float   wq  = weight[q];
+        const float * src = p.part_o + (row0 + (int64_t) q * p.part_rows) * D + 4 * col;
+        const float4  x   = *reinterpret_cast<const float4 *>(src);
+        acc.x = fmaf(x.x, wq, acc.x);
+        acc.y = fmaf(x.y, wq, acc.y);
+        acc.z = fmaf(x.z, wq, acc.z);
+        acc.w = fmaf(x.w, wq, acc.w);
+    }
+    group_sum[group][col] = acc;
+    __syncthreads();
+    if (group == 0) {
+        for (int k = 1; k < kGroups; k++) {
+            const float4 x = group_sum[k][col];
+            acc.x += x.x; acc.y += x.y; acc.z += x.z; acc.w += x.w;
+        }
+        const int r = first_row + m / p.group, h = g * p.group + m % p.group;
+        float * out = p.dst + ((int64_t) r * p.n_head + h) * D + 4 * col;
+        const float inv  = l > 0.0f ? 1.0f / l : 0.0f;
+        const bool  seen = l > 0.0f;  // a row without a finite score writes zeros
+        *reinterpret_cast<float2 *>(out)     = seen ? make_float2(acc.x * inv, acc.y * inv) : make_float2(0.0f, 0.0f);
+        *reinterpret_cast<float2 *>(out + 2) = seen ? make_float2(acc.z * inv, acc.w * inv) : make_float2(0.0f, 0.0f);
+    }
+#else
+    (void) p;
+    __trap();
+#endif
+}
+
 // ---- host side ----------------------------------------------------------------------------------
 
+// Split walks of few-row blocks. A part is at least kSplitMinKeys cache cells (at 30% density about
+// 5 tiles of 64 keys, enough to amortise its setup: range scan, Q, pipeline fill). The scratch is
+// sized for at most kSplitMaxCtas CTAs per launch (a pure function of the arguments, no device
+// query); the launch takes as many parts as fit in one wave of resident CTAs on the device.
+constexpr int64_t kSplitMinKeys = 1024;
+constexpr int64_t kSplitMaxCtas = 1024;
+
+// How a launch is laid out; dhsa_cuda_attn_scratch_size and dhsa_cuda_attn derive it the same way.
+struct attn_plan {
+    int64_t block_rows;  // (query row, head) pairs of a full block
+    int64_t n_blocks;
+    int64_t n_sub;       // CTAs per (block, KV head) along the rows
+    int     cta_groups;  // 16-row groups per CTA
+    bool    split_keys;  // few rows: T::kMaxKeyParts warps per row group split every tile's keys
+    int     max_parts;   // most CTAs per (block, KV head) along the keys (split_keys only; 1: no split)
+};
+
+template <int D>
+attn_plan make_plan(const dhsa_cuda_attn_args & a) {
+    using T = attn_traits<D>;
+    const int64_t group = a.n_head / a.n_head_kv;
+    attn_plan plan;
+    // Rows of one block: (query row, head) pairs, in groups of 16 (one per warp). Few groups (decode,
+    // short ubatches) split every tile's keys between T::kMaxKeyParts warps per group instead, and the
+    // block's keys between CTAs when the blocks alone give too few CTAs.
+    plan.block_rows = (int64_t) (a.q_block < a.n_q ? a.q_block : a.n_q) * group;
+    const int64_t row_groups = (plan.block_rows + kWarpRows - 1) / kWarpRows;
+    plan.split_keys = row_groups * T::kMaxKeyParts <= T::kMaxWarps;
+    plan.cta_groups = (int) (row_groups < T::kMaxWarps ? row_groups : T::kMaxWarps);
+    plan.n_sub      = (row_groups + plan.cta_groups - 1) / plan.cta_groups;
+    plan.n_blocks   = ((int64_t) a.n_q + a.q_block - 1) / a.q_block;
+    plan.max_parts  = 1;
+    if (plan.split_keys) {
+        int64_t parts = kSplitMaxCtas / (plan.n_blocks * a.n_head_kv);
+        parts = parts < a.n_kv / kSplitMinKeys ? parts : a.n_kv / kSplitMinKeys;
+        parts = parts < kSplitMaxParts ? parts : kSplitMaxParts;
+        plan.max_parts = (int) (parts > 1 ? parts : 1);
+    }
+    return plan;
+}
+
+// Scratch of a split launch: the partial O (d floats) of every (block, KV head, part, row), then its
+// (max, sum). split_rows: the number of such rows.
+size_t split_rows(const attn_plan & plan, const dhsa_cuda_attn_args & a) {
+    return plan.max_parts > 1 ? (size_t) plan.n_blocks * a.n_head_kv * plan.max_parts * plan.block_rows : 0;
+}
+
+size_t split_scratch_bytes(const attn_plan & plan, const dhsa_cuda_attn_args & a) {
+    return split_rows(plan, a) * ((size_t) a.d * sizeof(float) + sizeof(float2));
+}
+
+// CTAs of dhsa_attn_kernel<D, kKeyParts, kSoftcap> with n_warps warps (and their shared memory) that
+// the current device holds at once; 0 if unknown. Cached per kernel, device and block size.
 template <int D, int kKeyParts, bool kSoftcap>
-cudaError_t launch_kernel(const attn_params & p, int n_warps, cudaStream_t stream) {
+int64_t resident_ctas(int n_warps, size_t smem) {
+    constexpr int kMaxDevices = 64;
+    static int64_t cache[kMaxDevices][attn_traits<D>::kMaxWarps + 1] = {};
+    int device = 0;
+    if (cudaGetDevice(&device) != cudaSuccess) {
+        return 0;
+    }
+    const bool cached = device >= 0 && device < kMaxDevices && n_warps <= attn_traits<D>::kMaxWarps;
+    if (cached && cache[device][n_warps] > 0) {
+        return cache[device][n_warps];
+    }
+    int per_sm = 0, sms = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, dhsa_attn_kernel<D, kKeyParts, kSoftcap>,
+                                                      n_warps * kWarpSize, smem) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+        (void) cudaGetLastError();  // not knowing only means not splitting
+        return 0;
+    }
+    if (cached) {
+        cache[device][n_warps] = (int64_t) per_sm * sms;
+    }
+    return (int64_t) per_sm * sms;
+}
+
+template <int D, int kKeyParts, bool kSoftcap>
+cudaError_t launch_kernel(attn_params p, int n_warps, cudaStream_t stream) {
     using T = attn_traits<D>;
     const auto kernel = dhsa_attn_kernel<D, kKeyParts, kSoftcap>;
     const size_t smem = T::smem_bytes(n_warps / kKeyParts * kWarpRows);
@@ -752,8 +1067,21 @@ cudaError_t launch_kernel(const attn_params & p, int n_warps, cudaStream_t strea
             }
         }
     }
-    const dim3 grid((unsigned) ((int64_t) p.n_blocks * p.n_sub), (unsigned) p.n_head_kv);
+    if (p.n_parts > 1) {
+        // As many parts as keep the grid in one wave of resident CTAs (a second wave of a few CTAs
+        // would add a whole part's time), and at most what the scratch holds (p.n_parts on entry).
+        const int64_t slots = (int64_t) p.n_blocks * p.n_head_kv;
+        const int64_t parts = resident_ctas<D, kKeyParts, kSoftcap>(n_warps, smem) / slots;
+        p.n_parts = (int32_t) (parts < 1 ? 1 : parts < p.n_parts ? parts : p.n_parts);
+    }
+    const dim3 grid((unsigned) ((int64_t) p.n_blocks * p.n_sub * p.n_parts), (unsigned) p.n_head_kv);
     kernel<<<grid, n_warps * kWarpSize, smem, stream>>>(p);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess || p.n_parts == 1) {
+        return err;
+    }
+    const int64_t merge_ctas = (int64_t) p.n_blocks * p.n_head_kv * p.part_rows;  // one per row
+    dhsa_attn_merge_kernel<D><<<(unsigned) merge_ctas, kMergeThreads, 0, stream>>>(p);
     return cudaGetLastError();
 }
 
@@ -784,34 +1112,51 @@ cudaError_t launch_attn(const dhsa_cuda_attn_args & a, cudaStream_t stream) {
     p.kv_aligned = aligned16(a.k) && aligned16(a.v) && a.k_row % 8 == 0 && a.k_head % 8 == 0 && a.v_row % 8 == 0 &&
                    a.v_head % 8 == 0;
 
-    // Rows of one block: (query row, head) pairs, in groups of 16 (one per warp). Few groups (decode,
-    // short ubatches) split every tile's keys between T::kMaxKeyParts warps per group instead.
-    const int64_t block_rows  = (int64_t) (a.q_block < a.n_q ? a.q_block : a.n_q) * p.group;
-    const int64_t row_groups  = (block_rows + kWarpRows - 1) / kWarpRows;
-    const bool    split_keys  = row_groups * T::kMaxKeyParts <= T::kMaxWarps;
-    const int     cta_groups  = (int) (row_groups < T::kMaxWarps ? row_groups : T::kMaxWarps);
-    const int64_t n_sub       = (row_groups + cta_groups - 1) / cta_groups;
-    const int64_t n_blocks    = ((int64_t) a.n_q + a.q_block - 1) / a.q_block;
-    if (block_rows > INT_MAX || n_blocks * n_sub > INT_MAX || a.n_head_kv > 65535) {
+    const attn_plan plan = make_plan<D>(a);
+    if (plan.block_rows > INT_MAX || plan.n_blocks * plan.n_sub * plan.max_parts > INT_MAX || a.n_head_kv > 65535) {
         return cudaErrorInvalidValue;
     }
-    p.n_blocks = (int32_t) n_blocks;
-    p.n_sub    = (int32_t) n_sub;
+    p.n_blocks  = (int32_t) plan.n_blocks;
+    p.n_sub     = (int32_t) plan.n_sub;
+    p.n_parts   = plan.max_parts;  // launch_kernel takes at most this many
+    p.part_rows = (int32_t) plan.block_rows;
+    if (plan.max_parts > 1) {
+        if (!a.scratch || !aligned16(a.scratch)) {  // the merge reads partial O rows as float4
+            return cudaErrorInvalidValue;
+        }
+        p.part_o  = static_cast<float *>(a.scratch);
+        p.part_ml = reinterpret_cast<float2 *>(p.part_o + split_rows(plan, a) * D);
+    }
 
-    if (split_keys) {
-        const int n_warps = cta_groups * T::kMaxKeyParts;
+    if (plan.split_keys) {
+        const int n_warps = plan.cta_groups * T::kMaxKeyParts;
         return softcap ? launch_kernel<D, T::kMaxKeyParts, true>(p, n_warps, stream)
                        : launch_kernel<D, T::kMaxKeyParts, false>(p, n_warps, stream);
     }
-    return softcap ? launch_kernel<D, 1, true>(p, cta_groups, stream) : launch_kernel<D, 1, false>(p, cta_groups, stream);
+    return softcap ? launch_kernel<D, 1, true>(p, plan.cta_groups, stream)
+                   : launch_kernel<D, 1, false>(p, plan.cta_groups, stream);
+}
+
+// The argument checks of dhsa_cuda_attn that do not depend on pointers.
+bool args_valid(const dhsa_cuda_attn_args * a) {
+    return a && a->n_q >= 0 && a->n_kv >= 0 && a->n_head > 0 && a->n_head_kv > 0 && a->n_head % a->n_head_kv == 0 &&
+           a->q_block > 0 && a->max_ranges >= 0;
 }
 
 }  // namespace
 
-// No scratch yet: every (block, KV head) walks its keys in one CTA.
+// Bytes of scratch for the split walks of few-row blocks; 0 when the launch never splits. A function
+// of n_q, n_head, n_head_kv, d, q_block and n_kv only.
 size_t dhsa_cuda_attn_scratch_size(const dhsa_cuda_attn_args * a) {
-    (void) a;
-    return 0;
+    if (!args_valid(a) || a->n_q == 0) {
+        return 0;
+    }
+    switch (a->d) {
+        case 64:  return split_scratch_bytes(make_plan<64>(*a), *a);
+        case 128: return split_scratch_bytes(make_plan<128>(*a), *a);
+        case 256: return split_scratch_bytes(make_plan<256>(*a), *a);
+        default:  return 0;
+    }
 }
 
 bool dhsa_cuda_attn_supported(int32_t d, int compute_capability) {
@@ -819,8 +1164,7 @@ bool dhsa_cuda_attn_supported(int32_t d, int compute_capability) {
 }
 
 cudaError_t dhsa_cuda_attn(const dhsa_cuda_attn_args * a, cudaStream_t stream) {
-    if (!a || a->n_q < 0 || a->n_kv < 0 || a->n_head <= 0 || a->n_head_kv <= 0 || a->n_head % a->n_head_kv != 0 ||
-        a->q_block <= 0 || a->max_ranges < 0) {
+    if (!args_valid(a)) {
         return cudaErrorInvalidValue;
     }
     if (a->n_q == 0) {
