@@ -176,13 +176,16 @@ def dhsa_config_for_run(args, model_path: Path):
     return config_from_args(args, file_values)
 
 
-def _report_density(session) -> None:
+def _report_density(session, n_gpu_layers: int = 0) -> None:
     density = session.dhsa_density()
     if density is None:
         return
     if density.overall is None:
-        print("pydhsa: DHSA density: no layer ran DHSA (context below min_context, or no eligible layer)",
-              file=sys.stderr)
+        if n_gpu_layers != 0:
+            message = "not counted for layers on the GPU (the CUDA kernels do not report it)"
+        else:
+            message = "no layer ran DHSA (context below min_context, or no eligible layer)"
+        print(f"pydhsa: DHSA density: {message}", file=sys.stderr)
         return
     layers = ", ".join(f"L{il} {d:.3f}" for il, d in sorted(density.per_layer.items()))
     print(f"pydhsa: DHSA density {density.overall:.3f} overall (computed / causal query-key pairs) | {layers}",
@@ -218,7 +221,7 @@ def cmd_run(args) -> int:
                   f" | load {t.t_load_ms / 1e3:.2f} s | peak memory {_mib(t.peak_rss_bytes)}"
                   f" | threads {session.n_threads}", file=sys.stderr)
             if args.verbose:
-                _report_density(session)
+                _report_density(session, args.n_gpu_layers)
     return 0
 
 
