@@ -67,7 +67,7 @@ fi
 if has attention; then
     stamp "attention op benchmark"
     if [ $quick = 1 ]; then grid=(--n-kv 8k,32k --d 128 --heads 8/4 --budgets 0.3 --repeats 10)
-    else grid=(--n-kv 8k,32k,64k,128k --d 128,256 --heads 8/4,16/8 --budgets 0.1,0.3,0.5 --repeats 20); fi
+    else grid=(--n-kv 8k,32k,64k,128k --d 128,256 --heads 8/4,16/8 --budgets 0.1,0.3,0.5 --repeats 10); fi
     python3 bench/attention.py --device cuda "${grid[@]}" --out "$out/attention-cuda.json" 2> "$out/attention.log"
 fi
 
