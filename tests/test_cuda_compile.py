@@ -53,9 +53,11 @@ def test_kernel_file_compiles(name, tmp_path):
 
 
 def test_ggml_cuda_glue_compiles(tmp_path):
-    cuda_include = Path(NVCC).resolve().parents[1] / "include"
-    if not (cuda_include / "cublas_v2.h").exists():
-        pytest.skip(f"cuBLAS headers not installed in {cuda_include} (ggml-cuda's common.cuh needs them)")
+    candidates = [Path(NVCC).resolve().parents[1] / "include",
+                  Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"]
+    if not any((c / "cublas_v2.h").exists() for c in candidates):
+        pytest.skip(f"cuBLAS headers not installed (looked in {', '.join(map(str, candidates))}); "
+                    "ggml-cuda's common.cuh needs them")
     tree = patched_tree(tmp_path)
     result = nvcc(DHSA / "ggml-cuda-dhsa.cu", ["-use_fast_math", "-extended-lambda", "-DPYDHSA_CUDA"],
                   tmp_path / "glue.o", includes=(tree / "ggml" / "include", tree / "ggml" / "src"))
