@@ -243,12 +243,13 @@ def ranges_density(ranges, n_q: int, q_pos0: int, q_block: int) -> float:
 
 
 def time_mode(Q, K, V, mode: str, cfg, threads: int, q_pos0: Optional[int] = None,
-              dense_from: Optional[int] = None, device: str = "cpu", n_repeat: int = 1):
+              dense_from: Optional[int] = None, device: str = "cpu", n_repeat: int = 1,
+              warm_cache: bool = False):
     """One call of run_attention; returns the OpResult (elapsed_ms is the engine's compute time, the median
     of n_repeat runs after a warm-up when n_repeat > 1)."""
     from pydhsa.op import run_attention
     return run_attention(Q, K, V, mode=mode, config=cfg, q_pos0=q_pos0, n_threads=threads, dense_from=dense_from,
-                         device=device, n_repeat=n_repeat)
+                         device=device, n_repeat=n_repeat, warm_cache=warm_cache)
 
 
 def gpu_info() -> Optional[Dict[str, Any]]:
@@ -287,7 +288,8 @@ def bench_config(Q, K, V, budget: float, args, cfg_extra: Dict[str, Any]) -> Dic
     rounds = [(0, args.repeats)] if gpu else [(rep, 1) for rep in range(args.warmup + args.repeats)]
     for rep, n_repeat in rounds:
         for mode in modes:
-            res = time_mode(Q, K, V, mode, cfg, args.threads, device=args.device, n_repeat=n_repeat)
+            res = time_mode(Q, K, V, mode, cfg, args.threads, device=args.device, n_repeat=n_repeat,
+                            warm_cache=args.warm_cache)
             (warm if rep < args.warmup and not gpu else times)[mode].append(res.elapsed_ms)
             if mode not in outs and mode != "select":
                 outs[mode] = res.out
@@ -372,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--modes", default=None,
                     help="modes to run, comma-separated from flash,dhsa,mask,select (default flash,dhsa,mask; "
                          "with --device cuda also select)")
+    ap.add_argument("--warm-cache", action="store_true",
+                    help="with --device cuda: keep the selection caches of complete 512-key segments between the "
+                         "repeats (the steady state of a long prefill or decode; default: every run cold)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="where the ops run (default cpu; cuda needs a CUDA build of the engine and a GPU)")
     ap.add_argument("--boundary", choices=("keysim", "fixed"), default="keysim",

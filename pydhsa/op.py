@@ -48,9 +48,10 @@ def max_ranges(n_kv: int, cfg: DhsaConfig) -> int:
 def run_attention(Q: np.ndarray, K: np.ndarray, V: np.ndarray, mode: str = "dhsa",
                   config: Optional[DhsaConfig] = None, q_pos0: Optional[int] = None, scale: Optional[float] = None,
                   softcap: float = 0.0, n_threads: int = 1, dense_from: Optional[int] = None,
-                  device: str = "cpu", n_repeat: int = 1) -> OpResult:
+                  device: str = "cpu", n_repeat: int = 1, warm_cache: bool = False) -> OpResult:
     """device: "cpu" or "cuda" (see gpu_count()). n_repeat > 1: elapsed_ms is the median of that many
-    runs after one warm-up."""
+    runs after one warm-up. warm_cache: keep the selection caches of complete segments between those
+    runs (a long prefill's or decode's steady state) instead of starting each run cold."""
     lib = _native.load()
     ffi = _native.ffi
     n_q, H, d = Q.shape
@@ -76,7 +77,7 @@ def run_attention(Q: np.ndarray, K: np.ndarray, V: np.ndarray, mode: str = "dhsa
         MODES[mode], params, DENSE_NONE if dense_from is None else int(dense_from),
         ffi.cast("const float *", Qc.ctypes.data), ffi.cast("const void *", Kc.ctypes.data),
         ffi.cast("const void *", Vc.ctypes.data), K.dtype == np.float16, n_q, n_kv, H, H_kv, d, q_pos0,
-        float(scale), float(softcap), device.encode(), int(n_threads), int(n_repeat),
+        float(scale), float(softcap), device.encode(), int(n_threads), int(n_repeat), bool(warm_cache),
         ffi.cast("float *", out.ctypes.data),
         ffi.cast("int32_t *", sel.ctypes.data), n_ints, n_sel, elapsed, err)
     _check(lib, status, err)

@@ -81,10 +81,11 @@ ggml_backend_t open_backend(const char * device, int32_t n_threads) {
     return nullptr;
 }
 
-// Wall time of one synchronous graph computation; every run starts from a cold selection cache, as a
-// single call of the op would.
-bool timed_compute(ggml_backend_t backend, ggml_cgraph * graph, dhsa_runtime * rt, double * ms) {
-    ggml_dhsa_runtime_release_cache(rt);
+// Wall time of one synchronous graph computation, from cold selection caches unless warm.
+bool timed_compute(ggml_backend_t backend, ggml_cgraph * graph, dhsa_runtime * rt, bool warm, double * ms) {
+    if (!warm) {
+        ggml_dhsa_runtime_release_cache(rt);
+    }
     const double t0 = now_ms();
     const bool ok   = ggml_backend_graph_compute(backend, graph) == GGML_STATUS_SUCCESS;
     *ms             = now_ms() - t0;
@@ -127,7 +128,8 @@ extern "C" int32_t pydhsa_op_attention(int32_t mode, const pydhsa_dhsa_params * 
                                        const float * q, const void * k, const void * v, bool kv_f16, int32_t n_q,
                                        int32_t n_kv, int32_t n_head, int32_t n_head_kv, int32_t d, int32_t q_pos0,
                                        float scale, float softcap, const char * device, int32_t n_threads,
-                                       int32_t n_repeat, float * out, int32_t * ranges, int64_t n_ranges_ints,
+                                       int32_t n_repeat, bool warm_cache, float * out, int32_t * ranges,
+                                       int64_t n_ranges_ints,
                                        int64_t * n_ranges_out, double * elapsed_ms, pydhsa_error * err) {
     if (!q || !k || !v || (!out && mode != PYDHSA_OP_SELECT) || n_q < 1 || n_kv < 1 || n_head < 1 || n_head_kv < 1 || n_head % n_head_kv != 0 ||
         d < 1 || q_pos0 < 0 || q_pos0 + n_q > n_kv || n_threads < 1 || n_repeat < 1 || mode < 0 || mode > 3 ||
@@ -229,7 +231,7 @@ extern "C" int32_t pydhsa_op_attention(int32_t mode, const pydhsa_dhsa_params * 
             ggml_backend_tensor_memset(sel, 0xFF, 0, ggml_nbytes(sel));
         }
         if (g_sel) {
-            if (!timed_compute(bk.backend, g_sel, &rt, &ms_sel)) {
+            if (!timed_compute(bk.backend, g_sel, &rt, warm_cache, &ms_sel)) {
                 return op_error(err, PYDHSA_ERR_INTERNAL, "selection failed");
             }
             sel_host.resize((size_t) ggml_nelements(sel));
@@ -238,7 +240,7 @@ extern "C" int32_t pydhsa_op_attention(int32_t mode, const pydhsa_dhsa_params * 
                 selection_mask(sel_host, n_q, n_q_pad, n_kv, n_head_kv, q_pos0, rt);
             ggml_backend_tensor_set(fa_mask, m.data(), 0, ggml_nbytes(fa_mask));
         }
-        if (!timed_compute(bk.backend, gf, &rt, &ms)) {
+        if (!timed_compute(bk.backend, gf, &rt, warm_cache, &ms)) {
             return op_error(err, PYDHSA_ERR_INTERNAL, "graph computation failed");
         }
         if (run >= 0) {

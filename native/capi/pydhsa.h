@@ -162,7 +162,10 @@ PYDHSA_API int32_t pydhsa_session_dhsa_stats(const pydhsa_session * session, int
  * out: [n_q][n_head][d] float32. ranges (DHSA and MASK modes, may be NULL): the selection tensor as the op
  * wrote it, n_ranges_ints int32 (PYDHSA_ERR_BUFFER if too small; *n_ranges_out tells the size).
  * elapsed_ms: wall time of the graph computation (synchronous), the median of n_repeat runs after one
- * untimed warm-up when n_repeat > 1; each run starts with a cold selection cache. For the mask route, the
+ * untimed warm-up when n_repeat > 1. warm_cache = false: each run starts with cold selection caches (as
+ * one call that sees these keys for the first time); true: the caches of complete 512-key segments
+ * persist between runs (the steady state of a long prefill or of decode, where earlier segments were
+ * seen before; the last, incomplete segment is always recomputed). For the mask route, the
  * selection graph plus the flash-attention graph (the host's range-to-mask conversion is not counted).
  * The output and ranges are those of the last run. */
 typedef enum { PYDHSA_OP_DHSA = 0, PYDHSA_OP_FLASH = 1, PYDHSA_OP_MASK = 2, PYDHSA_OP_SELECT = 3 } pydhsa_op_mode;
@@ -171,7 +174,7 @@ PYDHSA_API int32_t pydhsa_op_attention(int32_t mode, const pydhsa_dhsa_params * 
                                        const float * q, const void * k, const void * v, bool kv_f16,
                                        int32_t n_q, int32_t n_kv, int32_t n_head, int32_t n_head_kv, int32_t d,
                                        int32_t q_pos0, float scale, float softcap, const char * device,
-                                       int32_t n_threads, int32_t n_repeat,
+                                       int32_t n_threads, int32_t n_repeat, bool warm_cache,
                                        float * out, int32_t * ranges, int64_t n_ranges_ints, int64_t * n_ranges_out,
                                        double * elapsed_ms, pydhsa_error * err);
 

@@ -34,7 +34,15 @@ struct dhsa_cuda_select_args {
     int32_t max_ranges;   // ggml_dhsa_max_ranges(n_kv, rt)
     int32_t * sel;        // output: the selection tensor (device memory)
     void * scratch;       // device scratch of dhsa_cuda_select_scratch_size() bytes
+    // Per-layer cache of complete segments' cuts and chunk representations, kept between calls and
+    // checked against a fingerprint of the segment's keys (as the CPU op's cache, ENGINE.md); NULL:
+    // everything is recomputed.
+    struct dhsa_cuda_cache * cache;
 };
+
+// A cache for one layer (host object owning device memory, grown on demand); free with the stream idle.
+struct dhsa_cuda_cache * dhsa_cuda_cache_create(void);
+void dhsa_cuda_cache_free(struct dhsa_cuda_cache * cache);
 
 size_t dhsa_cuda_select_scratch_size(const struct dhsa_cuda_select_args * a);
 cudaError_t dhsa_cuda_select(const struct dhsa_cuda_select_args * a, cudaStream_t stream);

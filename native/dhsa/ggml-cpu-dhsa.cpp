@@ -200,6 +200,9 @@ bool chunk_reprs_of(const ggml_tensor * k, int64_t start, const int32_t * cuts, 
 void ggml_dhsa_runtime_release_cache(struct dhsa_runtime * rt) {
     delete (segment_cache *) rt->segment_cache;
     rt->segment_cache = nullptr;
+    if (rt->release_device_cache) {
+        rt->release_device_cache(rt);  // the CUDA backend's segment caches (ggml-cuda-dhsa.cu)
+    }
 }
 
 // Per-thread scratch of the attention kernel for one work item of up to `rows` query rows x heads:

@@ -15,6 +15,37 @@ int64_t stride(const ggml_tensor * t, int dim, size_t elem) {
     return (int64_t) (t->nb[dim] / elem);
 }
 
+// The per-layer CUDA segment caches of a runtime, created on first use and freed by
+// ggml_dhsa_runtime_release_cache (which calls release_device_caches through the runtime's hook).
+struct device_caches {
+    dhsa_cuda_cache * layers[DHSA_MAX_LAYERS] = {};
+};
+
+void release_device_caches(dhsa_runtime * rt) {
+    auto * caches = (device_caches *) rt->device_cache;
+    if (caches) {
+        CUDA_CHECK(cudaDeviceSynchronize());  // no kernel may still use the memory
+        for (dhsa_cuda_cache * c : caches->layers) {
+            dhsa_cuda_cache_free(c);
+        }
+        delete caches;
+    }
+    rt->device_cache         = nullptr;
+    rt->release_device_cache = nullptr;
+}
+
+dhsa_cuda_cache * layer_cache(dhsa_runtime * rt, int32_t il) {
+    if (!rt->device_cache) {
+        rt->device_cache         = new device_caches;
+        rt->release_device_cache = release_device_caches;
+    }
+    dhsa_cuda_cache *& c = ((device_caches *) rt->device_cache)->layers[il];
+    if (!c) {
+        c = dhsa_cuda_cache_create();
+    }
+    return c;
+}
+
 }  // namespace
 
 void ggml_cuda_op_dhsa_select(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
@@ -39,6 +70,7 @@ void ggml_cuda_op_dhsa_select(ggml_backend_cuda_context & ctx, ggml_tensor * dst
     a.min_context = op.rt->min_context;
     a.max_ranges  = ggml_dhsa_max_ranges(k->ne[1], op.rt);
     a.sel         = (int32_t *) dst->data;
+    a.cache       = layer_cache(op.rt, op.il);
 
     ggml_cuda_pool_alloc<char> scratch(ctx.pool(), std::max<size_t>(dhsa_cuda_select_scratch_size(&a), 1));
     a.scratch = scratch.get();

@@ -51,6 +51,10 @@ struct dhsa_runtime {
     // boundaries and chunk representations of complete segments, kept between calls by the CPU kernel
     // (created on first use; release with ggml_dhsa_runtime_release_cache)
     void * segment_cache;
+    // the same for the CUDA kernels, in device memory (created by the CUDA backend on first use; freed by
+    // ggml_dhsa_runtime_release_cache through release_device_cache, which the CUDA backend sets)
+    void * device_cache;
+    void (*release_device_cache)(struct dhsa_runtime * rt);
 };
 
 GGML_API struct ggml_tensor * ggml_dhsa_select(struct ggml_context * ctx, struct ggml_tensor * q, struct ggml_tensor * k,
