@@ -30,6 +30,10 @@
 //    splits its keys into parts of equal key counts, one CTA each, enough to fill the GPU once
 //    ("flash decoding"); the parts' unnormalised (max, sum, O) go to scratch and a second kernel
 //    merges them into dst.
+//  - Many rows with few heads (prefill with 8 or 16 query heads): n_blocks * n_sub * n_head_kv CTAs can
+//    be far fewer than the GPU holds at once (32 on 132 SMs for 512 queries, q_block 64, 4 KV heads).
+//    Then the same key split runs in a second instance of the prefill kernel (template kSplit), so
+//    that the grid fills about one wave, and a warp-per-row kernel merges the parts.
 
 #include "dhsa-cuda.h"
 
@@ -86,7 +90,7 @@ struct attn_params {
     int32_t n_q, n_kv, n_head, n_head_kv, q_block, group;
     int32_t n_blocks;       // query blocks
     int32_t n_sub;          // CTAs per (query block, KV head) along the rows
-    int32_t n_parts;        // CTAs per (query block, KV head) along the keys (few-row kernels only)
+    int32_t n_parts;        // CTAs per (query block, KV head, row sub-tile) along the keys (split kernels)
     int32_t part_rows;      // rows of a full block: the row stride of the partial states
     float * part_o;         // n_parts > 1: unnormalised O of part (b, g, part), row m at
                             // ((b * n_head_kv + g) * n_parts + part) * part_rows + m, D floats each
@@ -685,9 +689,11 @@ __device__ __forceinline__ void store_partial(const attn_params & p, int64_t par
 // ---- the kernel ---------------------------------------------------------------------------------
 
 // One CTA: query block b, KV head g, rows [sub * rows_per_cta, ...) of the block's (row, head) pairs,
-// and, for few-row kernels (kKeyParts > 1) with n_parts > 1, part `part` of the block's keys.
+// and, for split kernels (kSplit) with n_parts > 1, part `part` of the block's keys.
 // Warp w takes row group w / kKeyParts and, of every tile, key part w % kKeyParts.
-template <int D, int kKeyParts, bool kSoftcap>
+// kSplit: the few-row kernels always carry the split code (n_parts decides at run time); the prefill
+// kernels (kKeyParts = 1) come in two instances, so that the unsplit one is the kernel as it was.
+template <int D, int kKeyParts, bool kSoftcap, bool kSplit>
 __global__ void __launch_bounds__(attn_traits<D>::kMaxWarps * kWarpSize, 1)
 dhsa_attn_kernel(const attn_params p) {
 #ifndef DHSA_ATTN_NO_DEVICE_CODE
@@ -704,9 +710,9 @@ dhsa_attn_kernel(const attn_params p) {
     const int rows_per_cta = (int) blockDim.x / (kWarpSize * kKeyParts) * kWarpRows;
 
     // Longest blocks (latest queries) first: less tail when causal work grows with the block index.
-    // blockIdx.x = (block from the last * n_sub + sub) * n_parts + part; n_parts is 1 for many rows.
-    const int      part = kKeyParts > 1 ? (int) (blockIdx.x % p.n_parts) : 0;
-    const unsigned cta  = kKeyParts > 1 ? blockIdx.x / p.n_parts : blockIdx.x;
+    // blockIdx.x = (block from the last * n_sub + sub) * n_parts + part; n_parts is 1 without kSplit.
+    const int      part = kSplit ? (int) (blockIdx.x % p.n_parts) : 0;
+    const unsigned cta  = kSplit ? blockIdx.x / p.n_parts : blockIdx.x;
     const int      b    = p.n_blocks - 1 - (int) (cta / p.n_sub);
     const int      sub  = (int) (cta % p.n_sub);
     const int      g    = (int) blockIdx.y;
@@ -760,7 +766,7 @@ dhsa_attn_kernel(const attn_params p) {
     key_span span = { 0, key_end, 0 };
     __shared__ int64_t cta_part_index;  // where a split walk stores its state; read back at the end (in
                                         // shared memory, not kept live in registers across the tile loop)
-    if constexpr (kKeyParts > 1) {
+    if constexpr (kSplit) {
         if (p.n_parts > 1) {
             if (threadIdx.x == 0) {
                 cta_part_index = ((int64_t) b * p.n_head_kv + g) * p.n_parts + part;
@@ -852,11 +858,15 @@ dhsa_attn_kernel(const attn_params p) {
         if (key_part != 0) {
             return;
         }
+    }
+    if constexpr (kSplit) {
         if (p.n_parts > 1) {  // a part of the keys: the merge kernel normalises and writes dst
+            // The row's index in its block (few-row kernels: n_sub is 1, the CTA starts at row 0).
+            const int row_base = (kKeyParts > 1 ? 0 : row0_flat) + row_warp * kWarpRows + lane / 4;
             int row_m[2];
 #pragma unroll
             for (int i = 0; i < 2; i++) {
-                row_m[i] = row_r[i] < 0 ? -1 : row_warp * kWarpRows + lane / 4 + 8 * i;  // n_sub is 1
+                row_m[i] = row_r[i] < 0 ? -1 : row_base + 8 * i;
             }
             store_partial<D>(p, cta_part_index, row_m, m_run, l, o);
             return;
@@ -962,14 +972,97 @@ __global__ void __launch_bounds__(kMergeThreads) dhsa_attn_merge_kernel(const at
 #endif
 }
 
+// The merge of split prefill launches: many rows (n_blocks * n_head_kv * part_rows, thousands) and few
+// parts (2 to 16), so one warp per row. Every lane reads each part's (max, sum) (one broadcast load)
+// and sums the weighted O of its float4 columns; the loads do not depend on the sums, so those of
+// several parts are in flight at once. Writes dst as store_rows does (zeros where the sum is 0).
+constexpr int kMergeRowsWarps = 8;  // rows per CTA
+
+template <int D>
+__global__ void __launch_bounds__(kMergeRowsWarps * kWarpSize) dhsa_attn_merge_rows_kernel(const attn_params p) {
+#ifndef DHSA_ATTN_NO_DEVICE_CODE
+    constexpr int kCols    = D / 4;                                  // float4 columns of a row
+    constexpr int kPerLane = (kCols + kWarpSize - 1) / kWarpSize;    // 1 (d = 64: lanes 0..15), 1, 2
+    const int lane = threadIdx.x % kWarpSize;
+    const int64_t row_index = (int64_t) blockIdx.x * kMergeRowsWarps + threadIdx.x / kWarpSize;
+    const int64_t slot_index = row_index / p.part_rows;  // b * n_head_kv + g
+    if (slot_index >= (int64_t) p.n_blocks * p.n_head_kv) {
+        return;
+    }
+    const int m = (int) (row_index % p.part_rows);
+    const int b = (int) (slot_index / p.n_head_kv), g = (int) (slot_index % p.n_head_kv);
+    const int first_row = b * p.q_block;
+    if (m >= min(p.q_block, p.n_q - first_row) * p.group) {
+        return;  // past the rows of a short last block (uniform over the warp)
+    }
+
+    // Part q's state of this row is at row0 + q * part_rows.
+    const int64_t row0 = slot_index * p.n_parts * p.part_rows + m;
+    float m_max = -INFINITY;
+    for (int q = lane; q < p.n_parts; q += kWarpSize) {
+        m_max = fmaxf(m_max, p.part_ml[row0 + (int64_t) q * p.part_rows].x);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) {
+        m_max = fmaxf(m_max, __shfl_xor_sync(0xffffffff, m_max, off));
+    }
+    const float m_ref = m_max == -INFINITY ? 0.0f : m_max;  // no part with a finite score: l stays 0
+
+    float  l = 0.0f;  // the same in every lane (same loads, same order)
+    float4 acc[kPerLane];
+#pragma unroll
+    for (int c = 0; c < kPerLane; c++) {
+        acc[c] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+#pragma unroll 4
+    for (int q = 0; q < p.n_parts; q++) {
+        const int64_t row = row0 + (int64_t) q * p.part_rows;
+        const float2  ml  = p.part_ml[row];
+        const float   w   = exp2f(ml.x - m_ref);  // 0 for a part without a finite score (its O is 0)
+        l = fmaf(ml.y, w, l);
+#pragma unroll
+        for (int c = 0; c < kPerLane; c++) {
+            const int col = lane + c * kWarpSize;
+            if (col < kCols) {
+                const float4 x = *reinterpret_cast<const float4 *>(p.part_o + row * D + 4 * col);
+                acc[c].x = fmaf(x.x, w, acc[c].x);
+                acc[c].y = fmaf(x.y, w, acc[c].y);
+                acc[c].z = fmaf(x.z, w, acc[c].z);
+                acc[c].w = fmaf(x.w, w, acc[c].w);
+            }
+        }
+    }
+
+    const int r = first_row + m / p.group, h = g * p.group + m % p.group;
+    float * out = p.dst + ((int64_t) r * p.n_head + h) * D;
+    const float inv  = l > 0.0f ? 1.0f / l : 0.0f;
+    const bool  seen = l > 0.0f;  // a row without a finite score writes zeros
+#pragma unroll
+    for (int c = 0; c < kPerLane; c++) {
+        const int col = lane + c * kWarpSize;
+        if (col < kCols) {
+            float * o4 = out + 4 * col;  // dst is only 8-byte aligned: two float2 stores
+            *reinterpret_cast<float2 *>(o4) = seen ? make_float2(acc[c].x * inv, acc[c].y * inv) : make_float2(0.0f, 0.0f);
+            *reinterpret_cast<float2 *>(o4 + 2) = seen ? make_float2(acc[c].z * inv, acc[c].w * inv) : make_float2(0.0f, 0.0f);
+        }
+    }
+#else
+    (void) p;
+    __trap();
+#endif
+}
+
 // ---- host side ----------------------------------------------------------------------------------
 
-// Split walks of few-row blocks. A part is at least kSplitMinKeys cache cells (at 30% density about
-// 5 tiles of 64 keys, enough to amortise its setup: range scan, Q, pipeline fill). The scratch is
-// sized for at most kSplitMaxCtas CTAs per launch (a pure function of the arguments, no device
-// query); the launch takes as many parts as fit in one wave of resident CTAs on the device.
+// Split walks. A part is at least kSplitMinKeys cache cells (at 30% density about 5 tiles of 64 keys,
+// enough to amortise its setup: range scan, Q, pipeline fill). The scratch is sized for at most
+// kSplitMaxCtas CTAs per few-row launch and kSplitMaxRows partial rows per prefill launch (pure
+// functions of the arguments, no device query); the launch takes as many parts as fit the device.
 constexpr int64_t kSplitMinKeys = 1024;
 constexpr int64_t kSplitMaxCtas = 1024;
+// Prefill kernels hold ~128 rows per SM (d <= 128: one CTA of 8 warps; d = 256: two of 4 warps), so
+// 32768 rows are about two waves on 128 SMs: scratch <= 32768 * (4 d + 8) bytes (17 MB for d = 128).
+constexpr int64_t kSplitMaxRows = 32768;
 
 // How a launch is laid out; dhsa_cuda_attn_scratch_size and dhsa_cuda_attn derive it the same way.
 struct attn_plan {
@@ -978,7 +1071,7 @@ struct attn_plan {
     int64_t n_sub;       // CTAs per (block, KV head) along the rows
     int     cta_groups;  // 16-row groups per CTA
     bool    split_keys;  // few rows: T::kMaxKeyParts warps per row group split every tile's keys
-    int     max_parts;   // most CTAs per (block, KV head) along the keys (split_keys only; 1: no split)
+    int     max_parts;   // most CTAs per (block, KV head, sub-tile) along the keys (1: no split)
 };
 
 template <int D>
@@ -995,13 +1088,16 @@ attn_plan make_plan(const dhsa_cuda_attn_args & a) {
     plan.cta_groups = (int) (row_groups < T::kMaxWarps ? row_groups : T::kMaxWarps);
     plan.n_sub      = (row_groups + plan.cta_groups - 1) / plan.cta_groups;
     plan.n_blocks   = ((int64_t) a.n_q + a.q_block - 1) / a.q_block;
-    plan.max_parts  = 1;
-    if (plan.split_keys) {
-        int64_t parts = kSplitMaxCtas / (plan.n_blocks * a.n_head_kv);
-        parts = parts < a.n_kv / kSplitMinKeys ? parts : a.n_kv / kSplitMinKeys;
-        parts = parts < kSplitMaxParts ? parts : kSplitMaxParts;
-        plan.max_parts = (int) (parts > 1 ? parts : 1);
+    int64_t parts = plan.split_keys ? kSplitMaxCtas / (plan.n_blocks * a.n_head_kv)
+                                    : kSplitMaxRows / (plan.n_blocks * a.n_head_kv * plan.block_rows);
+    parts = parts < a.n_kv / kSplitMinKeys ? parts : a.n_kv / kSplitMinKeys;
+    parts = parts < kSplitMaxParts ? parts : kSplitMaxParts;
+    if (!plan.split_keys && parts < 3) {
+        // A prefill grid of more than kSplitMaxRows / 3 rows (85+ CTAs of 128 rows) is more than half
+        // a wave on any device of up to ~170 SMs, so 2 parts would not fit in one wave: no scratch.
+        parts = 1;
     }
+    plan.max_parts = (int) (parts > 1 ? parts : 1);
     return plan;
 }
 
@@ -1015,9 +1111,38 @@ size_t split_scratch_bytes(const attn_plan & plan, const dhsa_cuda_attn_args & a
     return split_rows(plan, a) * ((size_t) a.d * sizeof(float) + sizeof(float2));
 }
 
-// CTAs of dhsa_attn_kernel<D, kKeyParts, kSoftcap> with n_warps warps (and their shared memory) that
-// the current device holds at once; 0 if unknown. Cached per kernel, device and block size.
-template <int D, int kKeyParts, bool kSoftcap>
+// Lets dhsa_attn_kernel<...> use more than 48 KB of dynamic shared memory, once per device (the
+// attribute belongs to the device's context; a repeated set is harmless).
+template <int D, int kKeyParts, bool kSoftcap, bool kSplit>
+cudaError_t allow_smem(size_t smem) {
+    using T = attn_traits<D>;
+    if (smem <= 48 * 1024) {
+        return cudaSuccess;
+    }
+    constexpr int kMaxDevices = 64;
+    static bool opted_in[kMaxDevices] = {};
+    int device = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err != cudaSuccess) {
+        return err;
+    }
+    if (device < 0 || device >= kMaxDevices || !opted_in[device]) {
+        err = cudaFuncSetAttribute(dhsa_attn_kernel<D, kKeyParts, kSoftcap, kSplit>,
+                                   cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   (int) T::smem_bytes(T::kMaxWarps * kWarpRows));
+        if (err != cudaSuccess) {
+            return err;
+        }
+        if (device >= 0 && device < kMaxDevices) {
+            opted_in[device] = true;
+        }
+    }
+    return cudaSuccess;
+}
+
+// CTAs of dhsa_attn_kernel<...> with n_warps warps (and their shared memory, allowed by allow_smem)
+// that the current device holds at once; 0 if unknown. Cached per kernel, device and block size.
+template <int D, int kKeyParts, bool kSoftcap, bool kSplit>
 int64_t resident_ctas(int n_warps, size_t smem) {
     constexpr int kMaxDevices = 64;
     static int64_t cache[kMaxDevices][attn_traits<D>::kMaxWarps + 1] = {};
@@ -1030,7 +1155,7 @@ int64_t resident_ctas(int n_warps, size_t smem) {
         return cache[device][n_warps];
     }
     int per_sm = 0, sms = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, dhsa_attn_kernel<D, kKeyParts, kSoftcap>,
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, dhsa_attn_kernel<D, kKeyParts, kSoftcap, kSplit>,
                                                       n_warps * kWarpSize, smem) != cudaSuccess ||
         cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
         (void) cudaGetLastError();  // not knowing only means not splitting
@@ -1042,47 +1167,79 @@ int64_t resident_ctas(int n_warps, size_t smem) {
     return (int64_t) per_sm * sms;
 }
 
-template <int D, int kKeyParts, bool kSoftcap>
-cudaError_t launch_kernel(attn_params p, int n_warps, cudaStream_t stream) {
-    using T = attn_traits<D>;
-    const auto kernel = dhsa_attn_kernel<D, kKeyParts, kSoftcap>;
-    const size_t smem = T::smem_bytes(n_warps / kKeyParts * kWarpRows);
-    if (smem > 48 * 1024) {
-        // Once per device (the attribute belongs to the device's context); a repeated set is harmless.
-        constexpr int kMaxDevices = 64;
-        static bool opted_in[kMaxDevices] = {};
-        int device = 0;
-        cudaError_t err = cudaGetDevice(&device);
-        if (err != cudaSuccess) {
-            return err;
-        }
-        if (device < 0 || device >= kMaxDevices || !opted_in[device]) {
-            err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       (int) T::smem_bytes(T::kMaxWarps * kWarpRows));
-            if (err != cudaSuccess) {
-                return err;
-            }
-            if (device >= 0 && device < kMaxDevices) {
-                opted_in[device] = true;
-            }
+// Parts per CTA of a prefill grid of `ctas` CTAs (1: no split) on a device holding `wave` at once.
+// With equal CTAs the time is about ceil(ctas * parts / wave) / parts of the unsplit one; a larger
+// count is taken only if it gains 10% (each part costs a setup and merge traffic). At most two waves:
+// a grid that fills the device already is not split.
+int prefill_parts(int64_t ctas, int64_t wave, int max_parts) {
+    if (wave <= 0 || ctas >= wave) {
+        return 1;
+    }
+    int best = 1;
+    double best_time = 1.0;
+    for (int parts = 2; parts <= max_parts && ctas * parts <= 2 * wave; parts++) {
+        const double time = (double) ((ctas * parts + wave - 1) / wave) / parts;
+        if (time < 0.9 * best_time) {
+            best      = parts;
+            best_time = time;
         }
     }
-    if (p.n_parts > 1) {
+    return best;
+}
+
+template <int D, int kKeyParts, bool kSoftcap, bool kSplit>
+cudaError_t launch_kernel(attn_params p, int n_warps, cudaStream_t stream) {
+    using T = attn_traits<D>;
+    const auto kernel = dhsa_attn_kernel<D, kKeyParts, kSoftcap, kSplit>;
+    const size_t smem = T::smem_bytes(n_warps / kKeyParts * kWarpRows);
+    cudaError_t err = allow_smem<D, kKeyParts, kSoftcap, kSplit>(smem);
+    if (err != cudaSuccess) {
+        return err;
+    }
+    if (kKeyParts > 1 && p.n_parts > 1) {
         // As many parts as keep the grid in one wave of resident CTAs (a second wave of a few CTAs
         // would add a whole part's time), and at most what the scratch holds (p.n_parts on entry).
         const int64_t slots = (int64_t) p.n_blocks * p.n_head_kv;
-        const int64_t parts = resident_ctas<D, kKeyParts, kSoftcap>(n_warps, smem) / slots;
+        const int64_t parts = resident_ctas<D, kKeyParts, kSoftcap, kSplit>(n_warps, smem) / slots;
         p.n_parts = (int32_t) (parts < 1 ? 1 : parts < p.n_parts ? parts : p.n_parts);
     }
     const dim3 grid((unsigned) ((int64_t) p.n_blocks * p.n_sub * p.n_parts), (unsigned) p.n_head_kv);
     kernel<<<grid, n_warps * kWarpSize, smem, stream>>>(p);
-    cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess || p.n_parts == 1) {
+    err = cudaGetLastError();
+    if (err != cudaSuccess || !kSplit || p.n_parts == 1) {
         return err;
     }
-    const int64_t merge_ctas = (int64_t) p.n_blocks * p.n_head_kv * p.part_rows;  // one per row
-    dhsa_attn_merge_kernel<D><<<(unsigned) merge_ctas, kMergeThreads, 0, stream>>>(p);
+    const int64_t rows = (int64_t) p.n_blocks * p.n_head_kv * p.part_rows;
+    if constexpr (kKeyParts > 1) {
+        dhsa_attn_merge_kernel<D><<<(unsigned) rows, kMergeThreads, 0, stream>>>(p);  // one CTA per row
+    } else {
+        const int64_t ctas = (rows + kMergeRowsWarps - 1) / kMergeRowsWarps;           // one warp per row
+        dhsa_attn_merge_rows_kernel<D><<<(unsigned) ctas, kMergeRowsWarps * kWarpSize, 0, stream>>>(p);
+    }
     return cudaGetLastError();
+}
+
+// Prefill (kKeyParts = 1): the unsplit kernel, or, when its grid leaves much of the device idle and
+// the scratch allows (p.n_parts = the plan's max_parts on entry), the split one and the merge.
+template <int D, bool kSoftcap>
+cudaError_t launch_prefill(attn_params p, int n_warps, cudaStream_t stream) {
+    using T = attn_traits<D>;
+    if (p.n_parts > 1) {
+        const size_t  smem = T::smem_bytes(n_warps * kWarpRows);
+        const int64_t ctas = (int64_t) p.n_blocks * p.n_sub * p.n_head_kv;
+        int64_t wave = 0;
+        if (allow_smem<D, 1, kSoftcap, true>(smem) == cudaSuccess) {
+            wave = resident_ctas<D, 1, kSoftcap, true>(n_warps, smem);
+        } else {
+            (void) cudaGetLastError();  // not splitting is always possible
+        }
+        p.n_parts = prefill_parts(ctas, wave, p.n_parts);
+        if (p.n_parts > 1) {
+            return launch_kernel<D, 1, kSoftcap, true>(p, n_warps, stream);
+        }
+    }
+    p.n_parts = 1;
+    return launch_kernel<D, 1, kSoftcap, false>(p, n_warps, stream);
 }
 
 template <int D>
@@ -1130,11 +1287,11 @@ cudaError_t launch_attn(const dhsa_cuda_attn_args & a, cudaStream_t stream) {
 
     if (plan.split_keys) {
         const int n_warps = plan.cta_groups * T::kMaxKeyParts;
-        return softcap ? launch_kernel<D, T::kMaxKeyParts, true>(p, n_warps, stream)
-                       : launch_kernel<D, T::kMaxKeyParts, false>(p, n_warps, stream);
+        return softcap ? launch_kernel<D, T::kMaxKeyParts, true, true>(p, n_warps, stream)
+                       : launch_kernel<D, T::kMaxKeyParts, false, true>(p, n_warps, stream);
     }
-    return softcap ? launch_kernel<D, 1, true>(p, plan.cta_groups, stream)
-                   : launch_kernel<D, 1, false>(p, plan.cta_groups, stream);
+    return softcap ? launch_prefill<D, true>(p, plan.cta_groups, stream)
+                   : launch_prefill<D, false>(p, plan.cta_groups, stream);
 }
 
 // The argument checks of dhsa_cuda_attn that do not depend on pointers.
@@ -1145,8 +1302,8 @@ bool args_valid(const dhsa_cuda_attn_args * a) {
 
 }  // namespace
 
-// Bytes of scratch for the split walks of few-row blocks; 0 when the launch never splits. A function
-// of n_q, n_head, n_head_kv, d, q_block and n_kv only.
+// Bytes of scratch for the split walks (few-row blocks, and prefill grids that underfill the device);
+// 0 when the launch never splits. A function of n_q, n_head, n_head_kv, d, q_block and n_kv only.
 size_t dhsa_cuda_attn_scratch_size(const dhsa_cuda_attn_args * a) {
     if (!args_valid(a) || a->n_q == 0) {
         return 0;
