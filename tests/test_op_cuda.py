@@ -138,3 +138,16 @@ def test_cuda_refuses_f32_kv_cleanly():
     with pytest.raises(PydhsaError, match="does not support"):
         run_attention(Q, K.astype(np.float32), V.astype(np.float32), "dhsa", DhsaConfig(min_context=0),
                       device="cuda")
+
+
+@pytest.mark.parametrize("n_kv, heads, d", [(4099, (8, 4), 128), (32768, (4, 1), 256)])
+def test_cuda_segment_cache_hits_give_the_same_selection(n_kv, heads, d):
+    """Repeated runs on the same keys with the CUDA segment cache kept (the later runs take complete
+    segments' cuts and chunk representations from the cache) select exactly what the CPU does."""
+    rng = np.random.default_rng([SEED, 7, n_kv])
+    Q, K, V = random_inputs(rng, 300, n_kv, *heads, d)
+    cfg = DhsaConfig(budget=0.3, min_context=0)
+    warm = run_attention(Q, K, V, "dhsa", cfg, device="cuda", n_repeat=3, warm_cache=True)
+    cpu = run_attention(Q, K, V, "dhsa", cfg, n_threads=4)
+    assert warm.ranges == cpu.ranges, f"seed {SEED}"
+    assert_close(warm.out, cpu.out, "warm cache vs CPU op")

@@ -15,28 +15,44 @@
 //  - orders are total ((score desc, index asc), -0.0 == +0.0), so ties resolve as qsort's comparator.
 // Do not build this file with -use_fast_math or -ftz=true: flushing denormals changes float32 results.
 //
-// Pipeline (one stream, no host synchronisation, no allocation: every temporary lives in a->scratch).
+// Pipeline (one stream; every temporary lives in a->scratch; the per-layer segment cache a->cache, when
+// given, is device memory allocated only when it must grow, the one time the host synchronises).
 // Grids are sized from host-known bounds (n_kv, n_q, heads, params); kernels read the actual query
-// position, sparse flag and chunk counts from device memory and return early where there is no work.
+// position, sparse flag, cache hits and chunk counts from device memory and return early where there is
+// no work.
 //   kernel          computes                                               grid x block
-//   row_positions   pos[r] = last unmasked key of mask row r               ceil(n_q / 8) x 256 (warp/row)
-//   keysim_and_qb   control (sparse, n_eff; every CTA votes, CTA 0 stores); (n_seg x 4) + Qb CTAs x 128
-//                   keysim score of every candidate cut (128 per CTA);
+//   row_positions   pos[r] = last unmasked key of mask row r;              ceil(n_q / 8) (+ n_kv / 512) x 256
+//                   with a cache, the fingerprint of every complete         (warp per row; CTA per segment)
+//                   segment of n_kv (extra CTAs of the same launch)
+//   keysim_and_qb   control (sparse, n_eff; every CTA votes, CTA 0 stores) (n_seg x 4 x H_kv) + Qb CTAs x 128
+//                   and the cache hits (CTA 0); dist_h of every candidate
+//                   cut, per KV head (128 candidates per CTA);
 //                   query-block sums Qb (extra CTAs of the same launch)
-//   segment_cuts    rank, greedy NMS, split (or fixed cuts) per segment    n_seg x 512
-//   kc_and_bounds   chunk sums Kc (transposed, 8 chunks x 256 (head, lane)  n_seg x ceil(seg_cap / 8)
-//                   pairs per CTA); the first CTA of a segment also places    x ceil(H_kv d / 256) x 256
-//                   its cuts in the sequence's bounds
+//   segment_cuts    scores (sum of dist_h in h order), rank, greedy NMS,    n_seg x 512
+//                   split (or fixed cuts) per segment
+//   kc_and_bounds   chunk sums Kc (8 chunks x 256 (head, lane) pairs per    n_seg x ceil(seg_cap / 8)
+//                   CTA); the first CTA of a segment places its cuts in      x ceil(H_kv d / 256) x 256
+//                   the sequence's bounds and updates its cache entry
 //   chunk_scores    S = Qb . Kc and rank entries per (block, KV head)       (n_blocks H_kv, chunk_cap / 128) x 128
 //   select_ranges   weighted radix select of the take threshold, range runs n_blocks H_kv x 512
 //   finish          sparse flag; dense slots when not sparse or failed      ceil(n_blocks H_kv / 256) x 256
 // (control replaces keysim..select_ranges when the parameters rule out a sparse selection.)
+//
+// Segment cache (the CPU op's segment_cache, ENGINE.md). The cuts and Kc of segment s live in the cache
+// memory itself (entry s), so a hit needs no copy: keysim, cuts and Kc of a hit segment are skipped and the
+// later kernels read the entry. An entry is used when it is valid and its fingerprint equals the one
+// computed from the keys of this call: a 64-bit hash of the first 16 bytes of every (key row, KV head) the
+// segment's selection reads (the segment's rows, plus the rows before it that keysim's left windows reach
+// when window > chunk_min), the row and head positions, the chunking parameters, H_kv, d and the entry
+// layout. Only complete segments of the keys that exist (q_pos0 + n_q) become valid, and only when they
+// did not fail (too many chunks); a miss invalidates the entry before it is rewritten.
 
 #include "dhsa-cuda.h"
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <new>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -105,11 +121,13 @@ struct select_plan {
     int32_t n_seg;           // segments of n_kv: an upper bound of the segments of n_eff
     int32_t seg_chunks;      // more chunks than this in a segment: failure, as the CPU op
     int32_t seg_cap;         // Kc slots per segment: min(seg_chunks, kSegment)
-    int32_t n_slots;         // n_seg * seg_cap
-    int32_t chunk_cap;       // bound of the chunk count: min(n_kv, n_slots)
+    int32_t n_pairs;         // (KV head, lane) pairs of a key row: n_head_kv * d
+    int32_t chunk_cap;       // bound of the chunk count: min(n_kv, n_seg * seg_cap)
     int32_t bitmap_words;    // ceil(chunk_cap / 32): the taken-chunk bitmap of select_ranges_kernel (shared memory)
-    int32_t keysim_parts;    // CTAs per segment in keysim_and_qb (0: no keysim)
+    int32_t keysim_parts;    // CTAs per segment and KV head in keysim_and_qb (0: no keysim)
     int32_t qb_ctas;         // CTAs computing Qb in keysim_and_qb
+    int32_t row_ctas;        // CTAs of row_positions_kernel computing row positions
+    int32_t fp_segments;     // CTAs after them computing the fingerprints of segments 0 .. fp_segments - 1
     int32_t kc_groups;       // CTAs per segment along its chunks in kc_and_bounds
     int32_t kc_pair_tiles;   // CTAs per segment along the (head, lane) pairs in kc_and_bounds
     int32_t keys_vectorized; // K rows and heads 16-byte aligned, d % 8 == 0: 16-byte key loads
@@ -119,14 +137,24 @@ struct select_plan {
 
     // scratch
     select_control *     ctrl;
-    int32_t *            seg_cuts;    // [n_seg][1 + kSegment]: count (-1: failure), then cuts in (seg0, seg1]
-    float *              cut_scores;  // [n_seg][kSegment]: keysim score of candidate t_lo + i
+    float *              cut_scores;  // [n_seg][n_head_kv][kSegment]: dist_h of candidate t_lo + i (keysim only)
     int32_t *            bounds;      // [chunk_cap + 1]: b_0 = 0 < b_1 < ... < b_Nc = n_eff
     int32_t *            chunk_slot;  // [chunk_cap]: chunk -> Kc slot (segment * seg_cap + chunk in segment)
     int32_t *            block_chunks;// [n_blocks]: chunks starting by the block's last query position
-    float *              kc;          // [n_head_kv * d][n_slots]: Kc transposed, so chunk scores read it coalesced
     float *              qb;          // [n_blocks][n_head_kv][d]
     unsigned long long * rank;        // [n_blocks * n_head_kv][chunk_cap]: descending score key << 32 | weight
+
+    // Per-segment results: entries of the cache when there is one (kept between calls), else scratch.
+    int32_t * seg_cuts;  // [segments][1 + kSegment]: count (-1: failure), then cuts in (seg0, seg1]
+    float *   kc;        // [segments][n_pairs][seg_cap]: Kc of the segment's chunks, transposed so that chunk
+                         // scores read consecutive chunks of one (head, lane) pair from consecutive addresses
+
+    // Segment cache (use_cache = 0: none, the pointers below are unused)
+    int32_t              use_cache;
+    unsigned long long * fp_new;       // scratch [n_seg]: fingerprints of this call's complete segments of n_kv
+    int32_t *            seg_hit;      // scratch [n_seg]: 1 when entry s is used as is (cuts and Kc skipped)
+    unsigned long long * cache_fp;     // cache [segments]: the fingerprint entry s was computed from
+    int32_t *            cache_valid;  // cache [segments]: 1 when entry s holds the cuts and Kc of cache_fp
 };
 
 __device__ __forceinline__ select_control read_control(const select_plan & P) {
@@ -164,6 +192,19 @@ __device__ __forceinline__ keysim_search keysim_search_of(const select_plan & P,
     ks.n_cand = ks.want > 0 && lo < hi ? (int32_t) (hi - lo) : 0;
     ks.t_lo   = ks.n_cand > 0 ? (int32_t) lo : 0;
     return ks;
+}
+
+// Whether segment s's cuts and Kc come from the cache entry s (decided by keysim_and_qb_kernel, which
+// stores it in seg_hit for the later kernels): the segment is complete, the entry is valid and was
+// computed from keys and parameters with the same fingerprint. Reads only cache state that no kernel of
+// the keysim launch writes (the cuts and kc kernels update it).
+__device__ __forceinline__ bool segment_cached(const select_plan & P, segment_span sp, int s) {
+    return P.use_cache && sp.present && sp.seg1 - sp.seg0 == kSegment && P.cache_valid[s] != 0 &&
+           P.cache_fp[s] == P.fp_new[s];
+}
+
+__device__ __forceinline__ bool segment_hit(const select_plan & P, int s) {
+    return P.use_cache && P.seg_hit[s] != 0;
 }
 
 // One (query block, KV head) as select_block() sees it.
@@ -277,7 +318,13 @@ __device__ float sequential_key_sum(const half * col, int64_t j0, int64_t j1, in
 constexpr int kRowsPerCta = 8;  // one warp per row
 constexpr int kRowUnroll  = 8;  // 256 mask values per warp and step: rows usually end near the end
 
+__device__ void fingerprint_cta(const select_plan & P, int s);
+
 __global__ void __launch_bounds__(kRowsPerCta * 32) row_positions_kernel(const select_plan P) {
+    if ((int) blockIdx.x >= P.row_ctas) {  // uniform over the CTA
+        fingerprint_cta(P, (int) blockIdx.x - P.row_ctas);
+        return;
+    }
     const int r = blockIdx.x * kRowsPerCta + warp_id();
     if (r >= P.n_q) {
         return;
@@ -302,6 +349,107 @@ __global__ void __launch_bounds__(kRowsPerCta * 32) row_positions_kernel(const s
     }
     if (lane == 0) {
         P.sel[r] = found;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// 1b. Segment fingerprints (cache only), in extra CTAs of the row_positions launch: nothing they read
+// depends on the row positions. Segment s of n_kv, complete ([seg0, seg0 + 512) inside n_kv), hashes
+// the first 16 bytes (8 f16 lanes, fewer when d < 8, zero-padded) of every (key row, KV head) of rows
+// [fingerprint_row_lo(seg0), seg0 + 512): every key its cuts and Kc are computed from. Each item is
+// hashed with its position (row - seg0, head) into 64 bits, the items are summed modulo 2^64 (an order-
+// free, exact reduction), and the sum is mixed with the parameters the cuts and Kc depend on. A change of
+// one item always changes its hash (it is a bijection of each 8-byte half for a fixed position), so a
+// rewritten segment misses unless several changes cancel (about 2^-64).
+// ---------------------------------------------------------------------------------------------------
+
+// splitmix64's finaliser: a bijection of 64-bit values with full avalanche.
+__device__ __forceinline__ unsigned long long mix64(unsigned long long x) {
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ull;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebull;
+    x ^= x >> 31;
+    return x;
+}
+
+// First key row the selection of the segment starting at seg0 reads: keysim's left window of its first
+// candidate (seg0 + chunk_min) starts at seg0 + chunk_min - window; Kc and fixed cuts read [seg0, seg1).
+__device__ __forceinline__ int32_t fingerprint_row_lo(const select_plan & P, int32_t seg0) {
+    const int64_t reach = P.boundary == DHSA_BOUNDARY_KEYSIM ? (int64_t) P.window - P.chunk_min : 0;
+    return reach > 0 ? (int32_t) max((int64_t) 0, (int64_t) seg0 - reach) : seg0;
+}
+
+// The first 8 f16 of key row j, head h (zeros past d), as they lie in memory.
+__device__ __forceinline__ uint4 key_prefix(const select_plan & P, int32_t j, int h) {
+    const half * src = P.k + (int64_t) j * P.k_row + (int64_t) h * P.k_head;
+    if (P.keys_vectorized) {  // 16-byte aligned, d % 8 == 0
+        return __ldg(reinterpret_cast<const uint4 *>(src));
+    }
+    unsigned b[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        b[i] = i < P.d ? (unsigned) __half_as_ushort(__ldg(src + i)) : 0u;
+    }
+    return make_uint4(b[0] | b[1] << 16, b[2] | b[3] << 16, b[4] | b[5] << 16, b[6] | b[7] << 16);
+}
+
+__device__ __forceinline__ unsigned long long item_hash(unsigned long long position, uint4 v) {
+    const unsigned long long lo = (unsigned long long) v.y << 32 | v.x;
+    const unsigned long long hi = (unsigned long long) v.w << 32 | v.z;
+    const unsigned long long a  = mix64(lo ^ (position * 0x9e3779b97f4a7c15ull + 0x632be59bd9b4e019ull));
+    return mix64(hi ^ a);
+}
+
+constexpr int kFpThreads = kRowsPerCta * 32;  // the row_positions launch's block
+constexpr int kFpBatch   = 8;                 // items loaded before they are hashed
+
+__device__ void fingerprint_cta(const select_plan & P, int s) {
+    __shared__ unsigned long long warp_sums[kFpThreads / 32];
+
+    const int32_t seg0 = s * kSegment, seg1 = seg0 + kSegment;
+    const int32_t lo   = fingerprint_row_lo(P, seg0);
+    const int64_t n    = (int64_t) (seg1 - lo) * P.n_head_kv;  // items (row, head), heads inner
+    unsigned long long sum = 0;
+    for (int64_t base = 0; base < n; base += (int64_t) kFpBatch * kFpThreads) {
+        uint4 v[kFpBatch];
+#pragma unroll
+        for (int u = 0; u < kFpBatch; ++u) {
+            const int64_t item = base + u * kFpThreads + threadIdx.x;
+            v[u] = item < n ? key_prefix(P, lo + (int32_t) (item / P.n_head_kv), (int) (item % P.n_head_kv))
+                            : make_uint4(0u, 0u, 0u, 0u);
+        }
+#pragma unroll
+        for (int u = 0; u < kFpBatch; ++u) {
+            const int64_t item = base + u * kFpThreads + threadIdx.x;
+            if (item < n) {
+                // position: (row - seg0) * H_kv + head, rows before seg0 negative (two's complement)
+                const int64_t position = (int64_t) (lo - seg0) * P.n_head_kv + item;
+                sum += item_hash((unsigned long long) position, v[u]);
+            }
+        }
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        sum += __shfl_xor_sync(kFullMask, sum, off);
+    }
+    if (lane_id() == 0) {
+        warp_sums[warp_id()] = sum;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned long long total = 0;
+        for (int w = 0; w < kFpThreads / 32; ++w) {
+            total += warp_sums[w];
+        }
+        // What else the entry depends on: its place, the rows hashed, the parameters and the layout.
+        const int64_t params[] = { 0x44485341, kSegment, s, seg0 - lo, P.boundary, P.chunk_min, P.chunk_max,
+                                   P.chunk_avg, P.window, P.n_head_kv, P.d, P.seg_cap };
+        unsigned long long h = 0x243f6a8885a308d3ull;
+        for (int i = 0; i < (int) (sizeof(params) / sizeof(params[0])); ++i) {
+            h = mix64(h ^ (unsigned long long) params[i]);
+        }
+        P.fp_new[s] = mix64(h + total);
     }
 }
 
@@ -342,9 +490,11 @@ __global__ void __launch_bounds__(32) control_kernel(const select_plan P) {
 //
 // score(t) = sum_h (1 - dot_h / (sqrt(nl_h) * sqrt(nr_h))) with, for lanes i increasing,
 // dot_h = sum L_i R_i, nl_h = sum L_i L_i, nr_h = sum R_i R_i, L = sum of keys [max(0, t-w), t),
-// R = sum of keys [t, min(seg1, t+w)). One thread per candidate keeps the i order of the three sums
-// and computes its own window sums (each lane's sum is sequential over its <= w keys). The keys the
-// CTA's candidates need are staged in shared memory one head and kLaneSlice lanes at a time (a pass),
+// R = sum of keys [t, min(seg1, t+w)). A CTA computes dist_h = 1 - dot_h / (...) of 128 candidates for
+// one KV head h; the heads run in parallel CTAs and segment_cuts_kernel adds dist_0, dist_1, ... in h
+// order from +0.0f, which is keysim_score()'s sum exactly. One thread per candidate keeps the i order of
+// the three sums and computes its own window sums (each lane's sum is sequential over its <= w keys). The
+// keys the CTA's candidates need are staged in shared memory kLaneSlice lanes at a time (a pass),
 // converted to f32 once; the next pass's keys are loaded into registers while this pass computes.
 // ---------------------------------------------------------------------------------------------------
 
@@ -525,14 +675,16 @@ __device__ void keysim_pass_staged_any(int w, const float * raw_s, int left_row,
     }
 }
 
-__device__ void keysim_scores_cta(const select_plan & P, const select_control & ctl, int s, int part) {
+// dist_h of the part's candidates for KV head h (score(t) = sum_h dist_h is summed in h order by
+// segment_cuts_kernel, so the heads run in parallel CTAs).
+__device__ void keysim_scores_cta(const select_plan & P, const select_control & ctl, int s, int part, int h) {
     __shared__ __align__(16) float raw_s[kRawRows * kRawStride];
 
     if (!ctl.sparse) {
         return;
     }
     const segment_span sp = segment_of(s, ctl.n_eff);
-    if (!sp.present) {
+    if (!sp.present || segment_cached(P, sp, s)) {  // a cache hit needs no scores
         return;
     }
     const keysim_search ks = keysim_search_of(P, sp);
@@ -555,18 +707,16 @@ __device__ void keysim_scores_cta(const select_plan & P, const select_control & 
     const int32_t left0  = max(0, t - w);
     const int32_t right1 = (int32_t) min((int64_t) sp.seg1, (int64_t) t + w);
 
-    const int  n_lane_slices = (P.d + kLaneSlice - 1) / kLaneSlice;
-    const int  n_passes      = P.n_head_kv * n_lane_slices;
-    const bool vectorized    = kp.staged && P.keys_vectorized;
+    const int  n_passes   = (P.d + kLaneSlice - 1) / kLaneSlice;  // lane slices of head h
+    const bool vectorized = kp.staged && P.keys_vectorized;
 
     uint4 next[kVecPerThread];
     if (vectorized) {
-        load_key_vectors(P, kp, 0, 0, next);
+        load_key_vectors(P, kp, h, 0, next);
     }
-    float       score = 0.0f;
     cosine_sums head;
     for (int pass = 0; pass < n_passes; ++pass) {
-        const int h = pass / n_lane_slices, i0 = (pass % n_lane_slices) * kLaneSlice;
+        const int i0    = pass * kLaneSlice;
         const int lanes = min(kLaneSlice, P.d - i0);
         if (kp.staged) {
             __syncthreads();  // the previous pass is done with raw_s
@@ -577,7 +727,7 @@ __device__ void keysim_scores_cta(const select_plan & P, const select_control & 
             }
             __syncthreads();
             if (vectorized && pass + 1 < n_passes) {  // the next pass's keys travel while this one computes
-                load_key_vectors(P, kp, (pass + 1) / n_lane_slices, ((pass + 1) % n_lane_slices) * kLaneSlice, next);
+                load_key_vectors(P, kp, h, (pass + 1) * kLaneSlice, next);
             }
         }
         if (scorer) {
@@ -589,14 +739,10 @@ __device__ void keysim_scores_cta(const select_plan & P, const select_control & 
                     head.add(window_sum_global(col + i, left0, t, P.k_row), window_sum_global(col + i, t, right1, P.k_row));
                 }
             }
-            if (i0 + lanes == P.d) {  // last slice of head h
-                score = add_f32(score, head.distance());
-                head  = cosine_sums();
-            }
         }
     }
     if (scorer) {
-        P.cut_scores[(int64_t) s * kSegment + part * kKeysimPart + x] = score;
+        P.cut_scores[((int64_t) s * P.n_head_kv + h) * kSegment + part * kKeysimPart + x] = head.distance();
     }
 }
 
@@ -648,16 +794,39 @@ __device__ void query_block_reprs_cta(const select_plan & P, int cta) {
     P.qb[idx] = div_f32(acc, sqrt_f32((float) (r1 - r0)));
 }
 
+// Whether a keysim CTA of segment s may return before deriving the control: with the sparse selection
+// the segment is then a cache hit (n_eff = pos[0] + n_q reaches its end, so it is present and complete,
+// and s < fp_segments means fp_new[s] is this call's), and without it keysim has nothing to do anyway.
+// Saves the position vote of the many CTAs of hit segments (all of them in a warm decode).
+__device__ __forceinline__ bool keysim_cta_skippable(const select_plan & P, int s) {
+    return P.use_cache && s < P.fp_segments && (int64_t) P.sel[0] + P.n_q >= (int64_t) (s + 1) * kSegment &&
+           P.cache_valid[s] != 0 && P.cache_fp[s] == P.fp_new[s];
+}
+
 // One launch for the keysim scores and the query sums (they only need the keys and queries), which also
-// derives the control (sparse flag, n_eff): every CTA votes on the positions itself, CTA 0 stores it.
+// derives the control (sparse flag, n_eff): every CTA votes on the positions itself, CTA 0 stores it, and
+// CTA 0 records which segments are cache hits for the later kernels (the keysim CTAs decide it the same
+// way from the same values).
 __global__ void __launch_bounds__(kKeysimThreads, 4) keysim_and_qb_kernel(const select_plan P) {
-    const select_control ctl = derive_control(P);
-    if (blockIdx.x == 0 && threadIdx.x == 0) {
-        *P.ctrl = ctl;
+    const int per_seg     = P.keysim_parts * P.n_head_kv;  // (part, head) CTAs of a segment, heads inner
+    const int keysim_ctas = P.n_seg * per_seg;
+    if (blockIdx.x != 0 && (int) blockIdx.x < keysim_ctas && keysim_cta_skippable(P, (int) blockIdx.x / per_seg)) {
+        return;  // uniform over the CTA (CTA 0 always stores the control)
     }
-    const int keysim_ctas = P.n_seg * P.keysim_parts;
+    const select_control ctl = derive_control(P);
+    if (blockIdx.x == 0) {
+        if (threadIdx.x == 0) {
+            *P.ctrl = ctl;
+        }
+        if (P.use_cache) {
+            for (int s = threadIdx.x; s < P.n_seg; s += kKeysimThreads) {
+                P.seg_hit[s] = segment_cached(P, segment_of(s, ctl.n_eff), s) ? 1 : 0;
+            }
+        }
+    }
     if ((int) blockIdx.x < keysim_ctas) {
-        keysim_scores_cta(P, ctl, blockIdx.x / P.keysim_parts, blockIdx.x % P.keysim_parts);
+        const int rest = (int) blockIdx.x % per_seg;
+        keysim_scores_cta(P, ctl, (int) blockIdx.x / per_seg, rest / P.n_head_kv, rest % P.n_head_kv);
     } else if (ctl.sparse) {
         query_block_reprs_cta(P, blockIdx.x - keysim_ctas);
     }
@@ -791,12 +960,15 @@ __global__ void __launch_bounds__(kCutsThreads) segment_cuts_kernel(const select
     }
     const int          s  = blockIdx.x;
     const segment_span sp = segment_of(s, ctl.n_eff);
-    if (!sp.present) {
+    if (!sp.present || segment_hit(P, s)) {  // a hit's cuts are in its cache entry already
         return;
     }
     int32_t *   out = P.seg_cuts + (int64_t) s * (1 + kSegment);
     const int   len = sp.seg1 - sp.seg0;
     const int   tid = threadIdx.x;
+    if (P.use_cache && tid == 0) {
+        P.cache_valid[s] = 0;  // the entry is rewritten from here on (kc_and_bounds_kernel revalidates it)
+    }
 
     if (P.boundary != DHSA_BOUNDARY_KEYSIM) {
         // dhsa_fixed_boundaries(): seg0 + k chunk_avg while < seg1, then seg1.
@@ -817,7 +989,12 @@ __global__ void __launch_bounds__(kCutsThreads) segment_cuts_kernel(const select
     if (ks.n_cand > 0) {  // uniform over the CTA
         unsigned long long key = ~0ull;  // padding sorts last
         if (tid < ks.n_cand) {
-            const float score = P.cut_scores[(int64_t) s * kSegment + tid];
+            // keysim_score(): score = ((0 + dist_0) + dist_1) + ..., heads in increasing order
+            const float * dist  = P.cut_scores + (int64_t) s * P.n_head_kv * kSegment + tid;
+            float         score = 0.0f;
+            for (int h = 0; h < P.n_head_kv; ++h) {
+                score = add_f32(score, dist[(int64_t) h * kSegment]);
+            }
             key = (unsigned long long) descending_key(score) << 32 | (uint32_t) (ks.t_lo + tid);
         }
         key = bitonic_sort(key, sort_s);
@@ -929,7 +1106,7 @@ __device__ void chunk_reprs_cta(const select_plan & P, segment_span sp, int s, i
     for (int idx = threadIdx.x; idx < kKcPairs * kKcChunks; idx += kKcThreads) {
         const int p = idx / kKcChunks, kk = idx % kKcChunks;
         if (pair_base + p < n_pairs && k0 + kk < count) {
-            P.kc[(int64_t) (pair_base + p) * P.n_slots + (int64_t) s * P.seg_cap + k0 + kk] = staged[kk * kKcStride + p];
+            P.kc[((int64_t) s * P.n_pairs + pair_base + p) * P.seg_cap + k0 + kk] = staged[kk * kKcStride + p];
         }
     }
 }
@@ -988,7 +1165,8 @@ __device__ void place_segment_bounds(const select_plan & P, const select_control
     }
 }
 
-// Both only need the segments' cuts: the first CTA of each segment also places its boundaries.
+// Both only need the segments' cuts: the first CTA of each segment also places its boundaries and, for a
+// segment computed in this call, updates its cache entry. A cache hit's Kc is in its entry already.
 __global__ void __launch_bounds__(kKcThreads, 3) kc_and_bounds_kernel(const select_plan P) {
     const select_control ctl = read_control(P);
     if (!ctl.sparse) {
@@ -1000,10 +1178,23 @@ __global__ void __launch_bounds__(kKcThreads, 3) kc_and_bounds_kernel(const sele
     if (!sp.present) {
         return;
     }
+    const bool hit = segment_hit(P, s);  // uniform over the CTA
     if (rest == 0) {
+        if (P.use_cache && !hit && threadIdx.x == 0) {
+            // The entry holds this call's cuts, and its Kc once this launch is done (later calls read it
+            // after that, in stream order): valid for the keys of fp_new when the segment is complete and
+            // has not failed (too many chunks). The cuts kernel has invalidated it meanwhile.
+            const bool complete = sp.seg1 - sp.seg0 == kSegment;
+            if (complete && P.seg_cuts[(int64_t) s * (1 + kSegment)] >= 0) {
+                P.cache_fp[s]    = P.fp_new[s];
+                P.cache_valid[s] = 1;
+            }
+        }
         place_segment_bounds(P, ctl, s, sp);
     }
-    chunk_reprs_cta(P, sp, s, rest / P.kc_pair_tiles, rest % P.kc_pair_tiles);
+    if (!hit) {
+        chunk_reprs_cta(P, sp, s, rest / P.kc_pair_tiles, rest % P.kc_pair_tiles);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -1015,7 +1206,7 @@ __global__ void __launch_bounds__(kKcThreads, 3) kc_and_bounds_kernel(const sele
 constexpr int kScoreThreads = 128;
 constexpr int kScoreBatch   = 32;  // Kc lanes per batch; two batches in flight
 
-// Kc lanes i0 .. i0 + kScoreBatch - 1 of one chunk (consecutive lanes are n_slots apart), zero past d.
+// Kc lanes i0 .. i0 + kScoreBatch - 1 of one chunk (consecutive lanes are seg_cap apart), zero past d.
 __device__ __forceinline__ void load_kc_batch(const float * kc_col, int64_t stride, int i0, int d, float (&x)[kScoreBatch]) {
     if (i0 + kScoreBatch <= d) {
 #pragma unroll
@@ -1078,14 +1269,17 @@ __global__ void __launch_bounds__(kScoreThreads) chunk_scores_kernel(const selec
     const int32_t      u     = unforced_tokens(P.bounds[c], min(P.bounds[c + 1], bp.n_causal), bp.sink_end, bp.local_start);
     unsigned long long entry = ~0ull << 32;  // weight 0: not a candidate
     if (u > 0) {
-        const float * kc_col = P.kc + (int64_t) g * P.d * P.n_slots + P.chunk_slot[c];
+        // Kc of chunk k of segment seg, pairs (g, i) for i = 0 .. d - 1: seg_cap floats apart
+        const int32_t slot   = P.chunk_slot[c];
+        const int32_t seg    = slot / P.seg_cap, k = slot - seg * P.seg_cap;
+        const float * kc_col = P.kc + ((int64_t) seg * P.n_pairs + (int64_t) g * P.d) * P.seg_cap + k;
         float         a[kScoreBatch], b2[kScoreBatch];
         float         acc = 0.0f;
-        load_kc_batch(kc_col, P.n_slots, 0, P.d, a);
+        load_kc_batch(kc_col, P.seg_cap, 0, P.d, a);
         for (int i0 = 0; i0 < P.d; i0 += 2 * kScoreBatch) {  // double buffer: load ahead, then add in order
-            load_kc_batch(kc_col, P.n_slots, i0 + kScoreBatch, P.d, b2);
+            load_kc_batch(kc_col, P.seg_cap, i0 + kScoreBatch, P.d, b2);
             acc = dot_batch(acc, qb_s, i0, P.d, a);
-            load_kc_batch(kc_col, P.n_slots, i0 + 2 * kScoreBatch, P.d, a);
+            load_kc_batch(kc_col, P.seg_cap, i0 + 2 * kScoreBatch, P.d, a);
             acc = dot_batch(acc, qb_s, i0 + kScoreBatch, P.d, b2);
         }
         entry = (unsigned long long) descending_key(acc) << 32 | (uint32_t) u;
@@ -1416,7 +1610,7 @@ bool args_usable(const dhsa_cuda_select_args * a) {
 
 // Byte offsets of the scratch sub-buffers.
 struct scratch_layout {
-    size_t ctrl, seg_cuts, cut_scores, bounds, chunk_slot, block_chunks, kc, qb, rank, total;
+    size_t ctrl, fp_new, seg_hit, cut_scores, bounds, chunk_slot, block_chunks, qb, rank, seg_cuts, kc, total;
 };
 
 // Fills the host-known sizes of the plan and returns the scratch layout.
@@ -1427,8 +1621,9 @@ scratch_layout plan_sizes(const dhsa_cuda_select_args * a, select_plan & P) {
     const int32_t shortest = p.chunk_min < p.chunk_avg ? p.chunk_min : p.chunk_avg;
     P.seg_chunks   = kSegment / (shortest > 1 ? shortest : 1) + 3;  // as select_geometry::seg_chunks
     P.seg_cap      = P.seg_chunks < kSegment ? P.seg_chunks : kSegment;  // a segment has <= 512 chunks
-    P.n_slots      = P.n_seg * P.seg_cap;
-    P.chunk_cap    = a->n_kv < P.n_slots ? a->n_kv : P.n_slots;
+    P.n_pairs      = a->n_head_kv * a->d;
+    const int64_t n_slots = (int64_t) P.n_seg * P.seg_cap;  // Kc slots of all segments
+    P.chunk_cap    = (int32_t) (a->n_kv < n_slots ? a->n_kv : n_slots);
     P.bitmap_words = (int32_t) ceil_div(P.chunk_cap, 32);
     // keysim candidates of a segment: [seg0 + chunk_min, seg1 - chunk_min], at most 512 - 2 chunk_min + 1
     const int64_t max_cand = p.chunk_min >= 1 ? (int64_t) kSegment - 2 * (int64_t) p.chunk_min + 1 : 0;
@@ -1436,8 +1631,12 @@ scratch_layout plan_sizes(const dhsa_cuda_select_args * a, select_plan & P) {
     P.qb_ctas       = (int32_t) ceil_div((int64_t) P.n_blocks * a->n_head_kv * a->d, kKeysimThreads);
     P.kc_groups     = (int32_t) ceil_div(P.seg_cap, kKcChunks);
     P.kc_pair_tiles = (int32_t) ceil_div((int64_t) a->n_head_kv * a->d, kKcPairs);
+    P.row_ctas      = (int32_t) ceil_div(a->n_q, kRowsPerCta);
 
-    const int64_t bg = (int64_t) P.n_blocks * a->n_head_kv;
+    // With a cache the per-segment results (cuts, Kc) live in its entries, and the scratch holds the
+    // fingerprints and hit flags of this call instead.
+    const bool    cached = a->cache != nullptr;
+    const int64_t bg     = (int64_t) P.n_blocks * a->n_head_kv;
     scratch_layout L;
     size_t         off = 0;
     auto           take = [&off](size_t bytes) {
@@ -1446,19 +1645,156 @@ scratch_layout plan_sizes(const dhsa_cuda_select_args * a, select_plan & P) {
         return at;
     };
     L.ctrl       = take(sizeof(select_control));
-    L.seg_cuts   = take(sizeof(int32_t) * (size_t) P.n_seg * (1 + kSegment));
-    L.cut_scores = take(sizeof(float) * (size_t) P.n_seg * kSegment);
+    L.fp_new     = take(cached ? sizeof(unsigned long long) * (size_t) P.n_seg : 0);
+    L.seg_hit    = take(cached ? sizeof(int32_t) * (size_t) P.n_seg : 0);
+    L.cut_scores = take(P.keysim_parts > 0 ? sizeof(float) * (size_t) P.n_seg * a->n_head_kv * kSegment : 0);
     L.bounds     = take(sizeof(int32_t) * ((size_t) P.chunk_cap + 1));
     L.chunk_slot = take(sizeof(int32_t) * (size_t) P.chunk_cap);
     L.block_chunks = take(sizeof(int32_t) * (size_t) P.n_blocks);
-    L.kc         = take(sizeof(float) * (size_t) a->n_head_kv * a->d * P.n_slots);
     L.qb         = take(sizeof(float) * (size_t) bg * a->d);
     L.rank       = take(sizeof(unsigned long long) * (size_t) bg * P.chunk_cap);
+    L.seg_cuts   = take(cached ? 0 : sizeof(int32_t) * (size_t) P.n_seg * (1 + kSegment));
+    L.kc         = take(cached ? 0 : sizeof(float) * (size_t) n_slots * P.n_pairs);
     L.total      = off;
     return L;
 }
 
 }  // namespace
+
+// The per-layer segment cache (dhsa-cuda.h): one device allocation holding `segments` entries laid out
+// for one geometry (seg_cap Kc slots per entry, n_pairs floats per slot):
+//   fp [segments] u64 | valid [segments] i32 | cuts [segments][1 + 512] i32 | kc [segments][n_pairs][seg_cap] f32
+// The host only acts when a call needs more entries or another geometry: every entry is then invalidated
+// (the valid flags are cleared on the call's stream, after the kernels of earlier calls), and the memory is
+// reallocated when it is too small (after a device synchronisation: earlier calls may still read it).
+struct dhsa_cuda_cache {
+    int     device   = -1;       // where mem lives
+    void *  mem      = nullptr;
+    size_t  bytes    = 0;        // size of mem
+    int32_t segments = 0;        // entries laid out in mem (0: none usable)
+    int32_t seg_cap  = 0;        // geometry of the layout
+    int32_t n_pairs  = 0;
+};
+
+namespace {
+
+constexpr int64_t kMinCacheSegments = 8;
+
+struct cache_layout {
+    size_t fp, valid, cuts, kc, total;
+};
+
+cache_layout cache_layout_of(int64_t segments, int64_t seg_cap, int64_t n_pairs) {
+    cache_layout L;
+    size_t       off  = 0;
+    auto         take = [&off](size_t bytes) {
+        const size_t at = off;
+        off += align_up(bytes);
+        return at;
+    };
+    L.fp    = take(sizeof(unsigned long long) * (size_t) segments);
+    L.valid = take(sizeof(int32_t) * (size_t) segments);
+    L.cuts  = take(sizeof(int32_t) * (size_t) segments * (1 + kSegment));
+    L.kc    = take(sizeof(float) * (size_t) segments * (size_t) n_pairs * (size_t) seg_cap);
+    L.total = off;
+    return L;
+}
+
+// Frees the cache's memory (on its device) once no kernel can use it; the cache is then empty.
+cudaError_t cache_release(dhsa_cuda_cache * c) {
+    cudaError_t st = cudaSuccess;
+    if (c->mem != nullptr) {
+        int        current = -1;
+        const bool other   = cudaGetDevice(&current) == cudaSuccess && current != c->device;
+        if (other) {
+            st = cudaSetDevice(c->device);
+        }
+        if (st == cudaSuccess) {
+            st = cudaDeviceSynchronize();
+        }
+        const cudaError_t st_free = cudaFree(c->mem);
+        if (st == cudaSuccess) {
+            st = st_free;
+        }
+        if (other) {
+            cudaSetDevice(current);
+        }
+    }
+    c->device   = -1;
+    c->mem      = nullptr;
+    c->bytes    = 0;
+    c->segments = 0;
+    c->seg_cap  = 0;
+    c->n_pairs  = 0;
+    return st;
+}
+
+// Makes the cache hold at least `segments` entries of the given geometry on the current device; L: its
+// layout. Keeps the entries when it already does; otherwise lays it out anew with every entry invalid.
+cudaError_t cache_reserve(dhsa_cuda_cache * c, int32_t segments, int32_t seg_cap, int32_t n_pairs, cudaStream_t stream,
+                          cache_layout & L) {
+    int         device = -1;
+    cudaError_t st     = cudaGetDevice(&device);
+    if (st != cudaSuccess) {
+        return st;
+    }
+    if (c->mem != nullptr && c->device != device) {  // not expected (a layer stays on its device): start over
+        st = cache_release(c);
+        if (st != cudaSuccess) {
+            return st;
+        }
+    }
+    const bool same_geometry = c->mem != nullptr && c->seg_cap == seg_cap && c->n_pairs == n_pairs;
+    if (same_geometry && c->segments >= segments) {
+        L = cache_layout_of(c->segments, seg_cap, n_pairs);
+        return cudaSuccess;
+    }
+    // A growing context grows the cache by half each time, so it is laid out anew (and recomputed) only
+    // O(log n_kv) times; another geometry (chunking parameters, head shape) starts from what is needed.
+    int64_t want = segments > kMinCacheSegments ? segments : kMinCacheSegments;
+    if (same_geometry && (int64_t) c->segments + c->segments / 2 > want) {
+        want = (int64_t) c->segments + c->segments / 2;
+    }
+    const cache_layout N = cache_layout_of(want, seg_cap, n_pairs);
+    if (c->mem == nullptr || N.total > c->bytes) {
+        st = cache_release(c);
+        if (st != cudaSuccess) {
+            return st;
+        }
+        void * mem = nullptr;
+        st         = cudaMalloc(&mem, N.total);
+        if (st != cudaSuccess) {
+            (void) cudaGetLastError();  // reported through the return value
+            return st;
+        }
+        c->device = device;
+        c->mem    = mem;
+        c->bytes  = N.total;
+    }
+    c->segments = 0;  // not usable until the flags are cleared
+    st          = cudaMemsetAsync((char *) c->mem + N.valid, 0, sizeof(int32_t) * (size_t) want, stream);
+    if (st != cudaSuccess) {
+        return st;
+    }
+    c->segments = (int32_t) want;
+    c->seg_cap  = seg_cap;
+    c->n_pairs  = n_pairs;
+    L           = N;
+    return cudaSuccess;
+}
+
+}  // namespace
+
+struct dhsa_cuda_cache * dhsa_cuda_cache_create(void) {
+    return new (std::nothrow) dhsa_cuda_cache();
+}
+
+void dhsa_cuda_cache_free(struct dhsa_cuda_cache * cache) {
+    if (cache != nullptr) {
+        (void) cache_release(cache);
+        delete cache;
+    }
+}
 
 size_t dhsa_cuda_select_scratch_size(const struct dhsa_cuda_select_args * a) {
     if (!args_usable(a)) {
@@ -1508,20 +1844,38 @@ cudaError_t dhsa_cuda_select(const struct dhsa_cuda_select_args * a, cudaStream_
     const scratch_layout L    = plan_sizes(a, P);
     char *               base = (char *) a->scratch;
     P.ctrl       = (select_control *) (base + L.ctrl);
-    P.seg_cuts   = (int32_t *) (base + L.seg_cuts);
     P.cut_scores = (float *) (base + L.cut_scores);
     P.bounds     = (int32_t *) (base + L.bounds);
     P.chunk_slot = (int32_t *) (base + L.chunk_slot);
     P.block_chunks = (int32_t *) (base + L.block_chunks);
-    P.kc         = (float *) (base + L.kc);
     P.qb         = (float *) (base + L.qb);
     P.rank       = (unsigned long long *) (base + L.rank);
+    if (a->cache == nullptr) {
+        P.seg_cuts = (int32_t *) (base + L.seg_cuts);
+        P.kc       = (float *) (base + L.kc);
+    } else if (P.sparse_allowed) {  // (not sparse: no kernel reads per-segment results, the cache is untouched)
+        cache_layout      C;
+        const cudaError_t st = cache_reserve(a->cache, P.n_seg, P.seg_cap, P.n_pairs, stream, C);
+        if (st != cudaSuccess) {
+            return st;
+        }
+        char * mem    = (char *) a->cache->mem;
+        P.use_cache   = 1;
+        P.fp_new      = (unsigned long long *) (base + L.fp_new);
+        P.seg_hit     = (int32_t *) (base + L.seg_hit);
+        P.cache_fp    = (unsigned long long *) (mem + C.fp);
+        P.cache_valid = (int32_t *) (mem + C.valid);
+        P.seg_cuts    = (int32_t *) (mem + C.cuts);
+        P.kc          = (float *) (mem + C.kc);
+        P.fp_segments = P.n_kv / kSegment;  // the complete segments of n_kv (those of n_eff are among them)
+    }
 
     const unsigned n_bg = (unsigned) ((int64_t) P.n_blocks * P.n_head_kv);
 
-    row_positions_kernel<<<(unsigned) ceil_div(P.n_q, kRowsPerCta), kRowsPerCta * 32, 0, stream>>>(P);
+    row_positions_kernel<<<(unsigned) (P.row_ctas + P.fp_segments), kRowsPerCta * 32, 0, stream>>>(P);
     if (P.sparse_allowed) {
-        keysim_and_qb_kernel<<<(unsigned) (P.n_seg * P.keysim_parts + P.qb_ctas), kKeysimThreads, 0, stream>>>(P);
+        const int64_t keysim_ctas = (int64_t) P.n_seg * P.keysim_parts * P.n_head_kv;
+        keysim_and_qb_kernel<<<(unsigned) (keysim_ctas + P.qb_ctas), kKeysimThreads, 0, stream>>>(P);
         segment_cuts_kernel<<<(unsigned) P.n_seg, kCutsThreads, 0, stream>>>(P);
         kc_and_bounds_kernel<<<(unsigned) (P.n_seg * P.kc_groups * P.kc_pair_tiles), kKcThreads, 0, stream>>>(P);
         const size_t qb_bytes = sizeof(float) * (size_t) (ceil_div(P.d, 2 * kScoreBatch) * 2 * kScoreBatch);
