@@ -82,7 +82,8 @@ def make_model(workdir: Path) -> Path:
 def prefill_ms(model, tokens: Sequence[int], budget: Optional[float], args) -> float:
     from pydhsa.dhsa_params import DhsaConfig
     cfg = None if budget is None else DhsaConfig(budget=budget)
-    with model.session(n_ctx=len(tokens) + 16, n_batch=args.n_batch, n_ubatch=args.n_ubatch, dhsa=cfg) as s:
+    n_ctx = min(len(tokens) + 16, model.info.n_ctx_train)  # the model's maximum context is a valid length
+    with model.session(n_ctx=n_ctx, n_batch=args.n_batch, n_ubatch=args.n_ubatch, dhsa=cfg) as s:
         s.prefill(tokens)
         return s.timings().t_prefill_ms
 
@@ -115,6 +116,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with Model(path, n_gpu_layers=args.n_gpu_layers) as model:
         prefill_ms(model, [2] + [10] * 1023, None, args)  # warm-up: CUDA modules, allocations
         for n in args.lengths:
+            n = min(n, model.info.n_ctx_train)
             tokens = [2] + [int(t) for t in np.random.default_rng(n).integers(10, 1000, n - 1)]
             times: Dict[str, List[float]] = {("dense" if b is None else f"dhsa-{b:g}"): [] for b in modes}
             for _ in range(args.repeats):  # interleaved, so drifts hit every mode alike

@@ -5,9 +5,12 @@ so the DHSA CUDA kernels run in their global layers (the real Gemma 3 270M canno
 machine). A 1500-token prompt of random token ids makes selection sparse with the default chunk sizes.
 
 - Budget 1 on the GPU gives the same greedy tokens as upstream's dense CUDA flash attention.
-- Budget 0.3 on the GPU gives the same greedy tokens as budget 0.3 on the CPU, and last-position logits
-  within 2e-2 of their scale (the two backends' matrix products and attention kernels round differently:
-  f16 tensor-core products on the GPU, f32 on the CPU).
+- Budget 0.3 on the GPU gives the same greedy tokens as budget 0.3 on the CPU. The logits agree to the
+  backends' arithmetic at most steps (median step within 2e-2 of their scale), but not at every step: the
+  two backends compute K with different matrix kernels, so keys differ at the f16-rounding level, and where
+  two chunks' scores are nearly tied the (exact) selection can take a different chunk. Measured on an H200
+  (commit of this test): dense GPU vs CPU 0.5% / 0.24% of max|logit| (Gemma 2 / Gemma 3); sparse GPU vs
+  CPU 0.1-0.3% at most steps, with single steps up to 2.1% / 8.3%. The bound on any step is 15%.
 
 Skipped, with that reason, where the engine has no CUDA build or no GPU (bench/cuda_device.sh runs it).
 """
@@ -44,8 +47,8 @@ def _randomize(model, seed: int) -> None:
 
 def _config(arch: str, vocab_size: int):
     common = dict(vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=N_CTX,
-                  sliding_window=128, query_pre_attn_scalar=64, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=128, max_position_embeddings=N_CTX,
+                  sliding_window=128, query_pre_attn_scalar=128, pad_token_id=0, eos_token_id=1, bos_token_id=2)
     if arch == "gemma2":
         return transformers.Gemma2Config(attn_logit_softcapping=50.0, final_logit_softcapping=30.0, **common)
     return transformers.Gemma3TextConfig(sliding_window_pattern=2, **common)
@@ -91,15 +94,17 @@ def run(path, n_gpu_layers: int, dhsa: DhsaConfig | None):
             return np.stack(steps)
 
 
-def assert_same_tokens_and_close(got: np.ndarray, want: np.ndarray, what: str) -> None:
+def assert_same_tokens_and_close(got: np.ndarray, want: np.ndarray, what: str,
+                                 any_step_tol: float = REL_TOL) -> None:
     got_tokens, want_tokens = got.argmax(axis=1), want.argmax(axis=1)
     # The test has teeth only if the greedy tokens vary along the sequence.
     assert len(set(want_tokens.tolist())) > 3, f"{what}: degenerate model, greedy tokens {want_tokens}"
     assert got_tokens.tolist() == want_tokens.tolist(), what
     scale = float(np.abs(want).max())
-    diff = float(np.abs(got - want).max())
-    print(f"{what}: max|diff| {diff:.3g}, max|logit| {scale:.3g}")
-    assert diff <= REL_TOL * scale, what
+    per_step = np.abs(got - want).max(axis=1) / scale
+    print(f"{what}: per-step max|diff| / max|logit|: median {np.median(per_step):.3g}, max {per_step.max():.3g}")
+    assert np.median(per_step) <= REL_TOL, what
+    assert per_step.max() <= any_step_tol, what
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
@@ -112,4 +117,5 @@ def test_gpu_budget_one_gives_dense_tokens(models, arch):
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
 def test_gpu_sparse_matches_cpu_sparse(models, arch):
     cfg = DhsaConfig(budget=0.3, min_context=0, dense_tail=0)
-    assert_same_tokens_and_close(run(models[arch], 99, cfg), run(models[arch], 0, cfg), f"{arch} GPU vs CPU at 0.3")
+    assert_same_tokens_and_close(run(models[arch], 99, cfg), run(models[arch], 0, cfg), f"{arch} GPU vs CPU at 0.3",
+                                 any_step_tol=0.15)
