@@ -12,6 +12,7 @@ and runs this file on the device machine); elsewhere every test is skipped with 
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 
@@ -22,6 +23,10 @@ from pydhsa import reference as R
 from pydhsa.dhsa_params import DhsaConfig
 from pydhsa.errors import PydhsaError
 from pydhsa.op import gpu_count, run_attention
+from test_op_dhsa import random_inputs, reference_params
+
+# The CUDA kernels take llama.cpp's f16 K/V cache.
+random_f16_inputs = functools.partial(random_inputs, dtype=np.float16)
 
 pytestmark = pytest.mark.skipif(gpu_count() == 0, reason="needs a CUDA build of the engine and a GPU "
                                 "(bench/cuda_device.sh runs these on a GPU machine)")
@@ -40,20 +45,6 @@ for i, (shape, budget) in enumerate(itertools.product(SHAPES, BUDGETS)):
     CASES.append((shape, HEADS[i % 4], HEAD_DIMS[(i // 4) % 3], budget, BOUNDARIES[i % 2]))
 
 
-def random_inputs(rng, n_q, n_kv, n_head, n_head_kv, d):
-    Q = rng.standard_normal((n_q, n_head, d)).astype(np.float32)
-    drift = np.cumsum(rng.standard_normal((n_kv, n_head_kv, d)) * 0.1, axis=0)
-    K = (rng.standard_normal((n_kv, n_head_kv, d)) + drift).astype(np.float16)
-    V = rng.standard_normal((n_kv, n_head_kv, d)).astype(np.float16)
-    return Q, K, V
-
-
-def reference_params(cfg: DhsaConfig, dense_from=None) -> R.DhsaParams:
-    return R.DhsaParams(budget=cfg.budget, boundary=cfg.boundary, chunk_min=cfg.chunk_min, chunk_max=cfg.chunk_max,
-                        chunk_avg=cfg.chunk_avg, q_block=cfg.q_block, sink_tokens=cfg.sink_tokens,
-                        local_tokens=cfg.local_tokens, dense_from=dense_from)
-
-
 def assert_close(got, expected, what=""):
     assert np.isfinite(got).all(), f"{what}: unwritten (NaN-poisoned) or non-finite outputs, seed {SEED}"
     rel = np.linalg.norm(got - expected) / max(np.linalg.norm(expected), 1e-30)
@@ -66,7 +57,7 @@ def assert_close(got, expected, what=""):
 def test_cuda_op_matches_reference_and_cpu(shape, heads, d, budget, boundary):
     rng = np.random.default_rng([SEED, *shape, *heads, d, int(budget * 100)])
     (n_q, n_kv), (n_head, n_head_kv) = shape, heads
-    Q, K, V = random_inputs(rng, n_q, n_kv, n_head, n_head_kv, d)
+    Q, K, V = random_f16_inputs(rng, n_q, n_kv, n_head, n_head_kv, d)
     cfg = DhsaConfig(budget=budget, boundary=boundary, min_context=0)
     q_pos0 = n_kv - n_q
     gpu = run_attention(Q, K, V, "dhsa", cfg, device="cuda")
@@ -87,7 +78,7 @@ def test_cuda_op_matches_reference_and_cpu(shape, heads, d, budget, boundary):
 def test_cuda_long_context_matches_cpu(n_kv):
     """The issue's long shapes: 32K and 128K keys, 8/4 heads, head size 128, a 512-query ubatch."""
     rng = np.random.default_rng([SEED, n_kv])
-    Q, K, V = random_inputs(rng, 512, n_kv, 8, 4, 128)
+    Q, K, V = random_f16_inputs(rng, 512, n_kv, 8, 4, 128)
     cfg = DhsaConfig(budget=0.3, min_context=0)
     gpu = run_attention(Q, K, V, "dhsa", cfg, device="cuda")
     cpu = run_attention(Q, K, V, "dhsa", cfg, n_threads=os.cpu_count() or 4)
@@ -100,7 +91,7 @@ def test_cuda_long_context_matches_cpu(n_kv):
 
 def test_cuda_softcap_and_dense_tail():
     rng = np.random.default_rng([SEED, 2])
-    Q, K, V = random_inputs(rng, 130, 2500, 4, 1, 128)
+    Q, K, V = random_f16_inputs(rng, 130, 2500, 4, 1, 128)
     Q *= 4.0  # large logits, so the soft cap matters
     cfg = DhsaConfig(budget=0.1, min_context=0)
     dense_from = 2500 - 40
@@ -114,7 +105,7 @@ def test_cuda_softcap_and_dense_tail():
 
 def test_cuda_budget_one_matches_cuda_flash_attention():
     rng = np.random.default_rng([SEED, 4])
-    Q, K, V = random_inputs(rng, 64, 2100, 8, 4, 128)
+    Q, K, V = random_f16_inputs(rng, 64, 2100, 8, 4, 128)
     ours = run_attention(Q, K, V, "dhsa", DhsaConfig(budget=1.0, min_context=0), device="cuda")
     flash = run_attention(Q, K, V, "flash", device="cuda")
     assert_close(ours.out, flash.out, "budget 1 vs ggml CUDA flash attention")
@@ -122,7 +113,7 @@ def test_cuda_budget_one_matches_cuda_flash_attention():
 
 def test_cuda_mask_route_equals_op_for_one_kv_head():
     rng = np.random.default_rng([SEED, 5])
-    Q, K, V = random_inputs(rng, 128, 3000, 4, 1, 64)
+    Q, K, V = random_f16_inputs(rng, 128, 3000, 4, 1, 64)
     cfg = DhsaConfig(budget=0.2, min_context=0)
     ours = run_attention(Q, K, V, "dhsa", cfg, device="cuda")
     masked = run_attention(Q, K, V, "mask", cfg, device="cuda")
@@ -134,7 +125,7 @@ def test_cuda_refuses_f32_kv_cleanly():
     """The CUDA kernels take f16 K/V (llama.cpp's cache type); f32 is refused with a message, not an abort
     (in a model graph, the scheduler runs such a layer on the CPU instead)."""
     rng = np.random.default_rng([SEED, 6])
-    Q, K, V = random_inputs(rng, 8, 300, 4, 1, 64)
+    Q, K, V = random_f16_inputs(rng, 8, 300, 4, 1, 64)
     with pytest.raises(PydhsaError, match="does not support"):
         run_attention(Q, K.astype(np.float32), V.astype(np.float32), "dhsa", DhsaConfig(min_context=0),
                       device="cuda")
@@ -145,7 +136,7 @@ def test_cuda_segment_cache_hits_give_the_same_selection(n_kv, heads, d):
     """Repeated runs on the same keys with the CUDA segment cache kept (the later runs take complete
     segments' cuts and chunk representations from the cache) select exactly what the CPU does."""
     rng = np.random.default_rng([SEED, 7, n_kv])
-    Q, K, V = random_inputs(rng, 300, n_kv, *heads, d)
+    Q, K, V = random_f16_inputs(rng, 300, n_kv, *heads, d)
     cfg = DhsaConfig(budget=0.3, min_context=0)
     warm = run_attention(Q, K, V, "dhsa", cfg, device="cuda", n_repeat=3, warm_cache=True)
     cpu = run_attention(Q, K, V, "dhsa", cfg, n_threads=4)

@@ -1589,6 +1589,17 @@ size_t align_up(size_t n) {
     return (n + kScratchAlign - 1) & ~(kScratchAlign - 1);
 }
 
+// Lays out aligned regions one after another in a buffer: take(bytes) returns the region's offset; off
+// is the size so far. Shared by the scratch and the segment-cache layouts.
+struct offset_taker {
+    size_t off = 0;
+    size_t operator()(size_t bytes) {
+        const size_t at = off;
+        off += align_up(bytes);
+        return at;
+    }
+};
+
 int64_t ceil_div(int64_t a, int64_t b) {
     return (a + b - 1) / b;
 }
@@ -1638,12 +1649,7 @@ scratch_layout plan_sizes(const dhsa_cuda_select_args * a, select_plan & P) {
     const bool    cached = a->cache != nullptr;
     const int64_t bg     = (int64_t) P.n_blocks * a->n_head_kv;
     scratch_layout L;
-    size_t         off = 0;
-    auto           take = [&off](size_t bytes) {
-        const size_t at = off;
-        off += align_up(bytes);
-        return at;
-    };
+    offset_taker   take;
     L.ctrl       = take(sizeof(select_control));
     L.fp_new     = take(cached ? sizeof(unsigned long long) * (size_t) P.n_seg : 0);
     L.seg_hit    = take(cached ? sizeof(int32_t) * (size_t) P.n_seg : 0);
@@ -1655,7 +1661,7 @@ scratch_layout plan_sizes(const dhsa_cuda_select_args * a, select_plan & P) {
     L.rank       = take(sizeof(unsigned long long) * (size_t) bg * P.chunk_cap);
     L.seg_cuts   = take(cached ? 0 : sizeof(int32_t) * (size_t) P.n_seg * (1 + kSegment));
     L.kc         = take(cached ? 0 : sizeof(float) * (size_t) n_slots * P.n_pairs);
-    L.total      = off;
+    L.total      = take.off;
     return L;
 }
 
@@ -1686,17 +1692,12 @@ struct cache_layout {
 
 cache_layout cache_layout_of(int64_t segments, int64_t seg_cap, int64_t n_pairs) {
     cache_layout L;
-    size_t       off  = 0;
-    auto         take = [&off](size_t bytes) {
-        const size_t at = off;
-        off += align_up(bytes);
-        return at;
-    };
+    offset_taker take;
     L.fp    = take(sizeof(unsigned long long) * (size_t) segments);
     L.valid = take(sizeof(int32_t) * (size_t) segments);
     L.cuts  = take(sizeof(int32_t) * (size_t) segments * (1 + kSegment));
     L.kc    = take(sizeof(float) * (size_t) segments * (size_t) n_pairs * (size_t) seg_cap);
-    L.total = off;
+    L.total = take.off;
     return L;
 }
 
