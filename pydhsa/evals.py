@@ -247,7 +247,10 @@ class ModelRunner:
 
     @property
     def model_id(self) -> str:
-        return f"{self.model_path.name}:{self.model_path.stat().st_size}"
+        # Offloaded layers compute in another backend's arithmetic, so their cases are not the CPU's: the
+        # suffix keeps a resumed run from mixing the two (CPU ids stay as they were).
+        gpu = f":ngl={self.n_gpu_layers}" if self.n_gpu_layers else ""
+        return f"{self.model_path.name}:{self.model_path.stat().st_size}{gpu}"
 
     def tokenize(self, text: str) -> List[int]:
         return self.model.tokenize(text, add_special=True)
@@ -1193,7 +1196,7 @@ def _open_runner(args):
     path = check_model_path(_resolve_model_path(args.model))
     overrides = parse_overrides(args.dhsa_min_context, args.dhsa_opt)
     return ModelRunner(path, n_threads=args.threads, n_batch=args.batch_size, n_ubatch=args.ubatch_size,
-                       overrides=overrides)
+                       overrides=overrides, n_gpu_layers=args.n_gpu_layers)
 
 
 def _run_accuracy_suite(suite: str, args, make_specs: Callable[[Any], List[PromptSpec]], methods: List[Method],
@@ -1215,7 +1218,7 @@ def _run_accuracy_suite(suite: str, args, make_specs: Callable[[Any], List[Promp
                 counts = run_grid(make_specs(runner), methods, runner, store, overrides=runner.overrides,
                                   model_id=runner.model_id, early_stop=not args.no_early_stop, title=suite,
                                   progress=not args.quiet,
-                                  extra={"threads": runner.n_threads})
+                                  extra={"threads": runner.n_threads, "n_gpu_layers": runner.n_gpu_layers})
             except KeyboardInterrupt:
                 interrupted = True
                 print(f"\npydhsa: interrupted; finished cases are kept in {store.path}, rerun the same command "
@@ -1591,6 +1594,9 @@ def _add_common(p: argparse.ArgumentParser, lengths: str, methods: str) -> None:
 
 
 def _add_accuracy(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, metavar="N",
+                   help="layers offloaded to the GPU in a CUDA/Metal build (-1 = all; default 0 = CPU only); "
+                        "such cases are stored apart from CPU ones")
     p.add_argument("--seed", type=int, default=0, help="seed of the needle rotation / task generator (default 0)")
     p.add_argument("--no-early-stop", action="store_true",
                    help="always generate max tokens (default: stop once the score can no longer change)")
