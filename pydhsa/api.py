@@ -86,6 +86,7 @@ def _fill_dhsa_params(c, cfg) -> None:
     c.q_block, c.sink_tokens, c.local_tokens = cfg.q_block, cfg.sink_tokens, cfg.local_tokens
     c.dense_tail, c.min_context = cfg.dense_tail, cfg.min_context
     c.all_layers = cfg.layers == "all"
+    c.sparse_decode = cfg.decode == "sparse"
 
 
 def default_threads() -> int:

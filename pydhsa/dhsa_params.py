@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Mapping
 __all__ = [
     "DhsaParam", "PARAMS", "PARAM_NAMES", "PARAMS_BY_NAME", "DhsaConfig",
     "DhsaParamError", "GgufFormatError", "DhsaFileValues",
-    "BOUNDARY_CHOICES", "BOUNDARY_IMPLEMENTED", "LAYERS_CHOICES", "MAX_TOKENS", "MAX_Q_BLOCK",
+    "BOUNDARY_CHOICES", "BOUNDARY_IMPLEMENTED", "DECODE_CHOICES", "LAYERS_CHOICES", "MAX_TOKENS", "MAX_Q_BLOCK",
     "add_dhsa_arguments", "cli_values", "config_from_args", "config_from_values",
     "validate_values", "coerce_gguf_value",
     "gguf_key", "gguf_keys", "gguf_prefix", "gguf_value_type", "gguf_value_type_id",
@@ -47,6 +47,7 @@ MAX_Q_BLOCK = 4096
 BOUNDARY_CHOICES = ("keysim", "fixed", "learned")
 BOUNDARY_IMPLEMENTED = ("keysim", "fixed")
 LAYERS_CHOICES = ("global", "all")
+DECODE_CHOICES = ("dense", "sparse")
 
 
 class DhsaParamError(ValueError):
@@ -140,6 +141,13 @@ PARAMS: tuple[DhsaParam, ...] = (
               "layers DHSA applies to: global (global-attention layers only) or all "
               "(sliding-window layers too)", _flag("layers"), (), LAYERS_CHOICES, None, None,
               "{" + ",".join(LAYERS_CHOICES) + "}"),
+    # Not in DHSA.md's list: its decode selects chunks ("sparse"). Dense is our default because sparse
+    # decode lost needles that dense decode finds (bench/results/niah-grid-270m) while decode on a CPU
+    # ran no faster with it (bench/results/speed-16k-32k-v3: 0.97x).
+    DhsaParam("decode", "str", "dense",
+              "attention of generated tokens: dense (upstream flash attention) or sparse (chunk "
+              "selection within the budget, as DHSA.md's decode)", _flag("decode"), (), DECODE_CHOICES,
+              None, None, "{" + ",".join(DECODE_CHOICES) + "}"),
 )
 PARAM_NAMES: tuple[str, ...] = tuple(p.name for p in PARAMS)
 PARAMS_BY_NAME: dict[str, DhsaParam] = {p.name: p for p in PARAMS}
@@ -302,6 +310,7 @@ class DhsaConfig:
     dense_tail: int = 64
     min_context: int = 2048
     layers: str = "global"
+    decode: str = "dense"
 
     def __post_init__(self) -> None:
         norm = validate_values(self.as_dict())

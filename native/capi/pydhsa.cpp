@@ -157,6 +157,7 @@ struct pydhsa_model {
 struct pydhsa_session {
     pydhsa_model * model   = nullptr;
     dhsa_runtime * dhsa    = nullptr;  // owned; attached to ctx when DHSA is enabled
+    bool sparse_decode     = false;    // pydhsa_dhsa_params.sparse_decode
     llama_context * ctx    = nullptr;
     int32_t n_ctx          = 0;
     int32_t n_batch        = 0;
@@ -334,6 +335,7 @@ void pydhsa_session_default_params(pydhsa_session_params * params) {
     d.dense_tail   = 64;
     d.min_context  = 2048;
     d.all_layers   = false;
+    d.sparse_decode = false;  // bench/results/niah-grid-270m: sparse decode loses needles dense decode finds
 }
 
 static int32_t check_dhsa_params(const pydhsa_dhsa_params & d, const char * arch, pydhsa_error * err) {
@@ -453,6 +455,8 @@ int32_t pydhsa_session_create(pydhsa_model * model, const pydhsa_session_params 
         s->dhsa->min_context  = d.min_context;
         s->dhsa->all_layers   = d.all_layers ? 1 : 0;
         s->dhsa->dense_from   = INT32_MAX;
+        s->dhsa->upstream_graphs = 0;
+        s->sparse_decode      = d.sparse_decode;
         llama_dhsa_attach(ctx, s->dhsa);
     }
     *out        = s;
@@ -527,6 +531,7 @@ int32_t pydhsa_prefill(pydhsa_session * session, const int32_t * tokens, int32_t
     if (session->dhsa) {
         // The prompt's last dense_tail tokens attend to everything (where the question usually is).
         session->dhsa->dense_from = session->n_past + n_tokens - session->dhsa->dense_tail;
+        session->dhsa->upstream_graphs = 0;
     }
     const double t0 = now_ms();
     for (int32_t i = 0; i < n_tokens; i += session->n_batch) {
@@ -569,7 +574,11 @@ int32_t pydhsa_generate(pydhsa_session * session, int32_t max_tokens, float temp
     const llama_vocab * vocab = llama_model_get_vocab(session->model->model);
     llama_sampler * sampler   = make_sampler(temperature, seed);
     if (session->dhsa) {
-        session->dhsa->dense_from = INT32_MAX;  // generated tokens select like any query
+        // Dense decode: new graphs keep upstream flash attention; a DHSA graph that llama.cpp reuses from a
+        // one-token prefill still attends to everything through dense_from.
+        const bool dense             = !session->sparse_decode;
+        session->dhsa->dense_from      = dense ? 0 : INT32_MAX;  // 0: every position
+        session->dhsa->upstream_graphs = dense ? 1 : 0;
     }
     std::vector<char> piece(256);
     int32_t status  = PYDHSA_OK;

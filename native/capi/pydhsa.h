@@ -79,6 +79,8 @@ typedef struct {
     int32_t dense_tail;   /* the last dense_tail tokens of each prefill attend to everything */
     int32_t min_context;  /* fewer cached keys than this: dense */
     bool all_layers;      /* false: global-attention layers only */
+    bool sparse_decode;   /* false (default): generated tokens attend densely through upstream flash attention;
+                           * true: they select chunks like any query (DHSA.md "Prefill versus decode") */
 } pydhsa_dhsa_params;
 
 typedef struct {

@@ -45,6 +45,9 @@ struct dhsa_runtime {
     int32_t all_layers;   // 0: global layers only, 1: sliding-window layers too
     // set by the caller per decode call: blocks with a query at cell >= dense_from attend densely
     int32_t dense_from;
+    // set by the caller: graphs built while this is non-zero keep upstream flash attention (dense decode);
+    // read when a graph is built, unlike dense_from, so a reused graph may still hold the DHSA ops
+    int32_t upstream_graphs;
     // statistics, accumulated by the attention kernel (atomically): computed and causal query-key pairs
     int64_t pairs_computed[DHSA_MAX_LAYERS];
     int64_t pairs_causal[DHSA_MAX_LAYERS];

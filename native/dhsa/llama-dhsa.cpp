@@ -17,7 +17,7 @@ ggml_tensor * llama_dhsa_build_attn(const llm_graph_context & g, ggml_tensor * q
                                     ggml_tensor * kq_mask, ggml_tensor * sinks, ggml_tensor * v_mla, float kq_scale,
                                     int il) {
     dhsa_runtime * rt = g.cparams.dhsa;
-    if (rt == nullptr || sinks != nullptr || v_mla != nullptr || il < 0 || il >= DHSA_MAX_LAYERS) {
+    if (rt == nullptr || rt->upstream_graphs || sinks != nullptr || v_mla != nullptr || il < 0 || il >= DHSA_MAX_LAYERS) {
         return nullptr;
     }
     if (g.arch != LLM_ARCH_GEMMA2 && g.arch != LLM_ARCH_GEMMA3) {
