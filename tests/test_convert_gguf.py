@@ -205,7 +205,7 @@ def test_write_defaults(synth, tmp_path):
     got = read_gguf_dhsa(dst)
     assert got == {"budget": 0.4, "boundary": "keysim", "chunk_min": 16, "chunk_max": 128,
                    "chunk_avg": 32, "q_block": 64, "sink_tokens": 128, "local_tokens": 128,
-                   "dense_tail": 64, "min_context": 2048, "layers": "global"}
+                   "dense_tail": 64, "min_context": 2048, "layers": "global", "decode": "dense"}
 
 
 def test_existing_key_of_other_type_rewritten(tmp_path):

@@ -87,3 +87,25 @@ def test_selection_state_follows_the_cache(model, prompt_4k):
         fresh.prefill(tokens[512:])
         in_two_calls = fresh.logits()
     np.testing.assert_array_equal(after_reset, in_two_calls)
+
+
+@pytest.mark.parametrize("decode", ["dense", "sparse"])
+def test_decode_mode(model, prompt_4k, decode):
+    """decode=dense (the default) hands generated tokens to upstream flash attention: the DHSA kernel's
+    pair counters stop at the prefill's. decode=sparse selects for them too (DHSA.md's decode), so the
+    counters move, and they stay below dense."""
+    tokens = model.tokenize(prompt_4k.text)[:1500]
+    cfg = DhsaConfig(budget=0.3, min_context=0, dense_tail=0, decode=decode)
+    assert DhsaConfig().decode == "dense"
+    with model.session(n_ctx=2048, n_batch=512, dhsa=cfg) as session:
+        session.prefill(tokens)
+        after_prefill = session.dhsa_density().per_layer
+        text = "".join(session.generate(max_tokens=16, temperature=0))
+        after_generate = session.dhsa_density().per_layer
+    assert text
+    assert sorted(after_prefill) == [5, 11, 17] and all(d < 0.6 for d in after_prefill.values())
+    if decode == "dense":
+        assert after_generate == after_prefill
+    else:
+        assert all(after_generate[il] != after_prefill[il] for il in after_prefill)
+        assert all(d < 0.6 for d in after_generate.values())

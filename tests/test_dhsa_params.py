@@ -24,14 +24,14 @@ gguf = pytest.importorskip("gguf")
 EXPECTED_DEFAULTS = {
     "budget": 0.3, "boundary": "keysim", "chunk_min": 16, "chunk_max": 128, "chunk_avg": 32,
     "q_block": 64, "sink_tokens": 128, "local_tokens": 128, "dense_tail": 64,
-    "min_context": 2048, "layers": "global",
+    "min_context": 2048, "layers": "global", "decode": "dense",
 }
 EXPECTED_FLAGS = {
     "budget": "--dhsa-budget", "boundary": "--dhsa-boundary", "chunk_min": "--dhsa-chunk-min",
     "chunk_max": "--dhsa-chunk-max", "chunk_avg": "--dhsa-chunk-avg", "q_block": "--dhsa-q-block",
     "sink_tokens": "--dhsa-sink", "local_tokens": "--dhsa-local",
     "dense_tail": "--dhsa-dense-tail", "min_context": "--dhsa-min-context",
-    "layers": "--dhsa-layers",
+    "layers": "--dhsa-layers", "decode": "--dhsa-decode",
 }
 
 
@@ -68,7 +68,7 @@ def test_table_defaults_flags_keys_types():
     assert gguf_key("gemma2", "q_block") == "gemma2.dhsa.q_block"
     T = gguf.GGUFValueType
     for p in PARAMS:
-        want = {"budget": T.FLOAT32, "boundary": T.STRING, "layers": T.STRING}.get(p.name, T.UINT32)
+        want = {"budget": T.FLOAT32, "boundary": T.STRING, "layers": T.STRING, "decode": T.STRING}.get(p.name, T.UINT32)
         assert dp.gguf_value_type(p.name) == want
         assert p.help
     with pytest.raises(DhsaParamError):
@@ -91,10 +91,10 @@ def test_flags_parse_and_aliases():
     c = cfg("--dhsa-budget", "0.5", "--dhsa-boundary", "fixed", "--dhsa-chunk-min", "8",
             "--dhsa-chunk-max", "64", "--dhsa-chunk-avg", "16", "--dhsa-q-block", "32",
             "--dhsa-sink", "4", "--dhsa-local", "0", "--dhsa-dense-tail", "0",
-            "--dhsa-min-context", "0", "--dhsa-layers", "all")
+            "--dhsa-min-context", "0", "--dhsa-layers", "all", "--dhsa-decode", "sparse")
     assert c.as_dict() == {"budget": 0.5, "boundary": "fixed", "chunk_min": 8, "chunk_max": 64,
                            "chunk_avg": 16, "q_block": 32, "sink_tokens": 4, "local_tokens": 0,
-                           "dense_tail": 0, "min_context": 0, "layers": "all"}
+                           "dense_tail": 0, "min_context": 0, "layers": "all", "decode": "sparse"}
     c = cfg("--dhsa-sink-tokens", "7", "--dhsa-local-tokens", "9")
     assert (c.sink_tokens, c.local_tokens) == (7, 9)
 

@@ -34,6 +34,7 @@ class FakeRunner:
     model_path = Path("fake.gguf")
     n_ctx_train = None
     n_threads = 1
+    n_gpu_layers = 0
     overrides: dict = {}
 
     def __init__(self, miss=(), fail_after=None, fail_with=KeyboardInterrupt, errors_on=()):
