@@ -142,7 +142,8 @@ PARAMS: tuple[DhsaParam, ...] = (
               "(sliding-window layers too)", _flag("layers"), (), LAYERS_CHOICES, None, None,
               "{" + ",".join(LAYERS_CHOICES) + "}"),
     # Not in DHSA.md's list: its decode selects chunks ("sparse"). Dense is our default because sparse
-    # decode lost needles that dense decode finds (bench/results/niah-grid-270m) while decode on a CPU
+    # decode lost needles that dense decode finds (bench/results/niah-grid-270m-cuda-sparse-decode and
+    # niah-grid-270m-cpu-sparse-decode-partial; bench/README.md, full NIAH grid) while decode on a CPU
     # ran no faster with it (bench/results/speed-16k-32k-v3: 0.97x).
     DhsaParam("decode", "str", "dense",
               "attention of generated tokens: dense (upstream flash attention) or sparse (chunk "

@@ -335,7 +335,7 @@ void pydhsa_session_default_params(pydhsa_session_params * params) {
     d.dense_tail   = 64;
     d.min_context  = 2048;
     d.all_layers   = false;
-    d.sparse_decode = false;  // bench/results/niah-grid-270m: sparse decode loses needles dense decode finds
+    d.sparse_decode = false;  // sparse decode lost needles dense decode finds (bench/README.md, full NIAH grid)
 }
 
 static int32_t check_dhsa_params(const pydhsa_dhsa_params & d, const char * arch, pydhsa_error * err) {
