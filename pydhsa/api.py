@@ -27,6 +27,26 @@ from . import _native
 from .errors import PydhsaError, error_for
 
 MAX_THREADS = 1024
+DEFAULT_CACHE_TYPE = "f16"  # llama.cpp's default for -ctk/-ctv
+
+
+def cache_type_id(name: str) -> int:
+    """The ggml type id of a K/V cache type named as llama.cpp names it (f16, bf16, q8_0, q4_0, ...)."""
+    lib = _native.load()
+    type_id = int(lib.pydhsa_cache_type_from_name(str(name).encode()))
+    if type_id < 0:
+        names = _native.ffi.string(lib.pydhsa_cache_type_names()).decode()
+        raise PydhsaError(f"unknown KV cache type {name!r}; use one of {names}")
+    return type_id
+
+
+def cache_type_names() -> list[str]:
+    return _native.ffi.string(_native.load().pydhsa_cache_type_names()).decode().split(", ")
+
+
+def route_name(route: int) -> str:
+    """The engine's text for a layer route: "dhsa", or "dense: <why>" (llama_dhsa_route_name)."""
+    return _native.ffi.string(_native.load().pydhsa_dhsa_route_name(int(route))).decode()
 
 
 def _check(lib, status: int, err) -> None:
@@ -97,9 +117,12 @@ def default_threads() -> int:
 
 
 class Model:
-    """A GGUF model loaded by the engine. `n_gpu_layers`: layers to offload (-1 = all, 0 = CPU only)."""
+    """A GGUF model loaded by the engine. `n_gpu_layers`: layers to offload (-1 = all, 0 = CPU only).
+    `metadata_only`: hyperparameters, vocabulary and tensor shapes without the weights (info, dhsa_plan,
+    chat templates; no sessions)."""
 
-    def __init__(self, path: str | os.PathLike, n_gpu_layers: int = 0, verbose: bool = False):
+    def __init__(self, path: str | os.PathLike, n_gpu_layers: int = 0, verbose: bool = False,
+                 metadata_only: bool = False):
         self._lib = _native.load()
         self._ptr = None
         self.path = Path(path)
@@ -107,7 +130,11 @@ class Model:
         self._lib.pydhsa_set_verbose(bool(verbose))
         out = ffi.new("pydhsa_model **")
         err = ffi.new("pydhsa_error *")
-        _check(self._lib, self._lib.pydhsa_model_load(os.fsencode(self.path), int(n_gpu_layers), out, err), err)
+        if metadata_only:
+            status = self._lib.pydhsa_model_load_metadata(os.fsencode(self.path), out, err)
+        else:
+            status = self._lib.pydhsa_model_load(os.fsencode(self.path), int(n_gpu_layers), out, err)
+        _check(self._lib, status, err)
         self._ptr = out[0]
         info = ffi.new("pydhsa_model_info *")
         _check(self._lib, self._lib.pydhsa_model_get_info(self._ptr, info, err), err)
@@ -161,6 +188,38 @@ class Model:
             _check(self._lib, status, err)
             return ffi.unpack(buf, n_out[0]).decode("utf-8", "replace")
 
+    def chat_prompt(self, messages: Sequence[dict], add_assistant: bool = True) -> str:
+        """`messages` ([{"role": "system"|"user"|"assistant", "content": text}, ...]) in the model's own
+        chat template (llama_chat_apply_template), ending with the start of the assistant's turn."""
+        ffi = _native.ffi
+        roles = [ffi.new("char[]", str(m["role"]).encode()) for m in messages]
+        contents = [ffi.new("char[]", str(m["content"]).encode()) for m in messages]
+        role_arr, content_arr = ffi.new("char *[]", roles), ffi.new("char *[]", contents)
+        n_out = ffi.new("int32_t *")
+        err = ffi.new("pydhsa_error *")
+        capacity = 2 * sum(len(m["content"]) + len(m["role"]) for m in messages) + 256
+        while True:
+            buf = ffi.new("char[]", capacity)
+            status = self._lib.pydhsa_chat_apply(self._handle(), role_arr, content_arr, len(messages),
+                                                 bool(add_assistant), buf, capacity, n_out, err)
+            if status == 7:
+                capacity = n_out[0] + 1
+                continue
+            _check(self._lib, status, err)
+            return ffi.unpack(buf, n_out[0]).decode("utf-8", "replace")
+
+    def dhsa_plan(self, dhsa: Optional["DhsaConfig"] = None, type_k: str = DEFAULT_CACHE_TYPE,
+                  type_v: str = DEFAULT_CACHE_TYPE) -> list[str]:
+        """Per layer, what DHSA would do with these settings and cache types: "dhsa" or "dense: <why>"
+        (the engine's own rules, from the hyperparameters and weights)."""
+        ffi = _native.ffi
+        n = self.info.n_layer
+        routes = ffi.new("int32_t[]", max(n, 1))
+        all_layers = dhsa is not None and dhsa.layers == "all"
+        self._lib.pydhsa_model_dhsa_plan(self._handle(), all_layers, cache_type_id(type_k), cache_type_id(type_v),
+                                         routes, n)
+        return [route_name(routes[il]) for il in range(n)]
+
     def dhsa_file_values(self) -> dict:
         """The `<arch>.dhsa.*` parameters stored in the model file ({} when it has none)."""
         from .dhsa_params import read_gguf_dhsa
@@ -168,11 +227,13 @@ class Model:
 
     def session(self, n_ctx: int = 4096, n_threads: Optional[int] = None, n_batch: int = 2048, n_ubatch: int = 512,
                 verbose: bool = False, dhsa: Optional["DhsaConfig"] = None,
-                flash_attn: Optional[bool] = None) -> "Session":
+                flash_attn: Optional[bool] = None, type_k: str = DEFAULT_CACHE_TYPE,
+                type_v: str = DEFAULT_CACHE_TYPE) -> "Session":
         """A new context. `dhsa`: a pydhsa.dhsa_params.DhsaConfig to run DHSA attention, None for dense.
-        `flash_attn`: None = llama.cpp's automatic choice, True/False to force it (dense only)."""
+        `flash_attn`: None = llama.cpp's automatic choice, True/False to force it (dense only).
+        `type_k`/`type_v`: KV cache types by llama.cpp's names (cache_type_names(); f16 by default)."""
         return Session(self, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, n_ubatch=n_ubatch, verbose=verbose,
-                       dhsa=dhsa, flash_attn=flash_attn)
+                       dhsa=dhsa, flash_attn=flash_attn, type_k=type_k, type_v=type_v)
 
     def close(self) -> None:
         if self._ptr is not None:
@@ -195,7 +256,8 @@ class Session:
 
     def __init__(self, model: Model, n_ctx: int = 4096, n_threads: Optional[int] = None, n_batch: int = 2048,
                  n_ubatch: int = 512, verbose: bool = False, dhsa: Optional["DhsaConfig"] = None,
-                 flash_attn: Optional[bool] = None):
+                 flash_attn: Optional[bool] = None, type_k: str = DEFAULT_CACHE_TYPE,
+                 type_v: str = DEFAULT_CACHE_TYPE):
         self.model = model
         self._lib = model._lib
         self._ptr = None
@@ -208,6 +270,8 @@ class Session:
         params.n_ctx, params.n_threads = int(n_ctx), threads
         params.n_batch, params.n_ubatch, params.verbose = int(n_batch), int(n_ubatch), bool(verbose)
         params.flash_attn = -1 if flash_attn is None else int(bool(flash_attn))
+        params.type_k, params.type_v = cache_type_id(type_k), cache_type_id(type_v)
+        self.type_k, self.type_v = type_k, type_v
         self.dhsa = dhsa
         if dhsa is not None:
             _fill_dhsa_params(params.dhsa, dhsa)
@@ -247,12 +311,15 @@ class Session:
         return out
 
     def generate(self, prompt: Optional[str | Sequence[int]] = None, max_tokens: int = 128, temperature: float = 0.8,
-                 seed: Optional[int] = None) -> Iterator[str]:
+                 seed: Optional[int] = None, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
+                 repeat_penalty: float = 1.0, repeat_last_n: int = 64) -> Iterator[str]:
         """Yield the text of each generated token as it is produced.
 
         `prompt` (text or token ids) is prefilled first; text gets the model's BOS when the context is
         empty. max_tokens < 0 means until an end-of-generation token or a full context. temperature <= 0
-        is greedy decoding; `seed` makes sampling repeatable (default: random).
+        is greedy decoding; `seed` makes sampling repeatable (default: random). The other settings are
+        llama.cpp's samplers with its defaults (top_k <= 0, top_p 1, min_p 0, repeat_penalty 1: off;
+        repeat_last_n -1: the whole context).
         """
         if prompt is not None:
             tokens = self.model.tokenize(prompt, add_special=self.n_past == 0) if isinstance(prompt, str) else prompt
@@ -263,9 +330,14 @@ class Session:
             seed = random.getrandbits(32)
         if not 0 <= seed < 2**32:
             raise PydhsaError(f"seed must be between 0 and 2^32-1, got {seed}")
-        return self._stream(int(max_tokens), float(temperature), int(seed))
+        sampling = _native.ffi.new("pydhsa_sampling_params *")
+        self._lib.pydhsa_sampling_default_params(sampling)
+        sampling.temperature, sampling.seed = float(temperature), int(seed)
+        sampling.top_k, sampling.top_p, sampling.min_p = int(top_k), float(top_p), float(min_p)
+        sampling.repeat_penalty, sampling.repeat_last_n = float(repeat_penalty), int(repeat_last_n)
+        return self._stream(int(max_tokens), sampling)
 
-    def _stream(self, max_tokens: int, temperature: float, seed: int) -> Iterator[str]:
+    def _stream(self, max_tokens: int, sampling) -> Iterator[str]:
         # The C loop runs in a worker thread (without the GIL) and hands token pieces over a queue, so
         # the caller can consume them lazily; closing the generator asks the C loop to stop.
         ffi = _native.ffi
@@ -288,8 +360,8 @@ class Session:
             err = ffi.new("pydhsa_error *")
             n_generated = ffi.new("int32_t *")
             try:
-                status = self._lib.pydhsa_generate(self._handle(), max_tokens, temperature, seed, on_token,
-                                                   ffi.NULL, n_generated, err)
+                status = self._lib.pydhsa_generate_sampled(self._handle(), max_tokens, sampling, on_token,
+                                                           ffi.NULL, n_generated, err)
                 tail = decoder.decode(b"", final=True)
                 if tail:
                     pieces.put(("piece", tail))
@@ -328,6 +400,17 @@ class Session:
         total_causal = sum(causal[il] for il in range(n))
         overall = sum(computed[il] for il in range(n)) / total_causal if total_causal else None
         return DhsaDensity(per_layer=per_layer, overall=overall)
+
+    def dhsa_routes(self) -> Optional[dict]:
+        """Per layer, what the graphs built so far did with its attention: "dhsa" or "dense: <why>"
+        (layers no graph has reached yet are left out); None for a dense session."""
+        if self.dhsa is None:
+            return None
+        ffi = _native.ffi
+        n = self.model.info.n_layer
+        routes = ffi.new("int32_t[]", max(n, 1))
+        self._lib.pydhsa_session_dhsa_routes(self._handle(), routes, n)
+        return {il: route_name(routes[il]) for il in range(n) if routes[il] != 0}
 
     def timings(self) -> Timings:
         out = _native.ffi.new("pydhsa_timings *")

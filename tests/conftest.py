@@ -1,4 +1,5 @@
-"""Shared fixtures: the real Gemma 3 270M GGUF (from the test extra) and helpers to run the CLI."""
+"""Shared fixtures: the real embedded GGUFs (Gemma 3 270M; Qwen2.5-Coder 0.5B when installed) and helpers to run
+the CLI."""
 from __future__ import annotations
 
 import os
@@ -18,6 +19,17 @@ def model_path() -> Path:
     """The Gemma 3 270M GGUF. The test extra installs it; a missing package is a failure, not a skip."""
     from pydhsa.default_model import default_model_path
     return default_model_path(quiet=True)
+
+
+@pytest.fixture(scope="session")
+def qwen_model_path() -> Path:
+    """The Qwen2.5-Coder 0.5B Instruct GGUF; an optional extra, so without its packages the test is skipped."""
+    from pydhsa import models
+    name = "qwen2.5-coder-0.5b"
+    missing = models.missing_packages(name)
+    if missing:
+        pytest.skip(f"needs {models.MODELS[name].install_hint} (not installed: {', '.join(missing)})")
+    return models.model_path(name, quiet=True)
 
 
 @pytest.fixture(scope="session")

@@ -125,7 +125,7 @@ std::vector<ggml_fp16_t> selection_mask(const std::vector<int32_t> & sel, int64_
 }  // namespace
 
 extern "C" int32_t pydhsa_op_attention(int32_t mode, const pydhsa_dhsa_params * dhsa, int32_t dense_from,
-                                       const float * q, const void * k, const void * v, bool kv_f16, int32_t n_q,
+                                       const float * q, const void * k, const void * v, int32_t kv_type, int32_t n_q,
                                        int32_t n_kv, int32_t n_head, int32_t n_head_kv, int32_t d, int32_t q_pos0,
                                        float scale, float softcap, const char * device, int32_t n_threads,
                                        int32_t n_repeat, bool warm_cache, float * out, int32_t * ranges,
@@ -136,13 +136,17 @@ extern "C" int32_t pydhsa_op_attention(int32_t mode, const pydhsa_dhsa_params * 
         (mode != PYDHSA_OP_FLASH && !dhsa)) {
         return op_error(err, PYDHSA_ERR_ARGUMENT, "invalid arguments to pydhsa_op_attention");
     }
+    if (kv_type < 0 || kv_type >= GGML_TYPE_COUNT || ggml_get_type_traits((ggml_type) kv_type)->blck_size == 0 ||
+        d % ggml_blck_size((ggml_type) kv_type) != 0) {
+        return op_error(err, PYDHSA_ERR_ARGUMENT, "kv_type is not a ggml type whose rows hold d values");
+    }
     backend_guard bk;
     bk.backend = open_backend(device, n_threads);
     if (!bk.backend) {
         return op_error(err, PYDHSA_ERR_ARGUMENT,
                         "no such device (use \"cpu\", or \"cuda\" with a CUDA build and a visible GPU)");
     }
-    const ggml_type kv_type = kv_f16 ? GGML_TYPE_F16 : GGML_TYPE_F32;
+    const ggml_type type = (ggml_type) kv_type;
     const int64_t n_q_pad   = GGML_PAD(n_q, 64);
     dhsa_runtime rt = make_runtime(dhsa ? *dhsa : pydhsa_dhsa_params{}, dense_from);
 
@@ -156,8 +160,8 @@ extern "C" int32_t pydhsa_op_attention(int32_t mode, const pydhsa_dhsa_params * 
 
     // As llama.cpp stores them: q [d, H, n_q], K/V cache rows [d, H_kv, n_kv]; attention sees permuted views.
     ggml_tensor * q_t  = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, d, n_head, n_q);
-    ggml_tensor * k_t  = ggml_new_tensor_3d(ctx, kv_type, d, n_head_kv, n_kv);
-    ggml_tensor * v_t  = ggml_new_tensor_3d(ctx, kv_type, d, n_head_kv, n_kv);
+    ggml_tensor * k_t  = ggml_new_tensor_3d(ctx, type, d, n_head_kv, n_kv);
+    ggml_tensor * v_t  = ggml_new_tensor_3d(ctx, type, d, n_head_kv, n_kv);
     ggml_tensor * mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, n_kv, n_q_pad);
     ggml_tensor * qp = ggml_permute(ctx, q_t, 0, 2, 1, 3);
     ggml_tensor * kp = ggml_permute(ctx, k_t, 0, 2, 1, 3);
@@ -174,8 +178,9 @@ extern "C" int32_t pydhsa_op_attention(int32_t mode, const pydhsa_dhsa_params * 
             sel     = ggml_dhsa_select(ctx, qp, kp, mask, &rt, 0);
             fa_mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, n_kv, n_q_pad);
         }
-        ggml_tensor * kf = kv_f16 ? kp : ggml_cast(ctx, kp, GGML_TYPE_F16);  // as the graph casts f32 K/V
-        ggml_tensor * vf = kv_f16 ? vp : ggml_cast(ctx, vp, GGML_TYPE_F16);
+        // as the graph casts f32 K/V (other cache types go to flash attention as they are)
+        ggml_tensor * kf = type == GGML_TYPE_F32 ? ggml_cast(ctx, kp, GGML_TYPE_F16) : kp;
+        ggml_tensor * vf = type == GGML_TYPE_F32 ? ggml_cast(ctx, vp, GGML_TYPE_F16) : vp;
         result = ggml_flash_attn_ext(ctx, qp, kf, vf, fa_mask ? fa_mask : mask, scale, 0.0f, softcap);
         ggml_prec_set_acc(result, GGML_PREC_F32);
     }

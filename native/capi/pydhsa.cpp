@@ -152,6 +152,7 @@ int32_t check_gguf_file(const char * path, pydhsa_error * err) {
 struct pydhsa_model {
     llama_model * model = nullptr;
     double t_load_ms    = 0.0;
+    bool metadata_only  = false;  // pydhsa_model_load_metadata: no weights, no sessions
 };
 
 struct pydhsa_session {
@@ -166,7 +167,45 @@ struct pydhsa_session {
     int32_t n_prefill      = 0;
     double t_generate_ms   = 0.0;
     int32_t n_generate     = 0;
+    std::vector<llama_token> tokens;  // the context's tokens, for the repetition penalty's look-back
 };
+
+// The cache types llama.cpp's tools accept for -ctk/-ctv (common/arg.cpp's kv_cache_types).
+constexpr ggml_type kCacheTypes[] = { GGML_TYPE_F32,  GGML_TYPE_F16,  GGML_TYPE_BF16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0,
+                                      GGML_TYPE_Q4_1, GGML_TYPE_IQ4_NL, GGML_TYPE_Q5_0, GGML_TYPE_Q5_1 };
+
+bool is_cache_type(int32_t type) {
+    return std::any_of(std::begin(kCacheTypes), std::end(kCacheTypes), [type](ggml_type t) { return (int32_t) t == type; });
+}
+
+// A cache type the model can store: its rows hold whole quantisation blocks, and a quantised V cache is
+// read by flash attention only (llama.cpp refuses it otherwise, with a less direct message).
+int32_t check_cache_types(const llama_model * model, const pydhsa_session_params & p, pydhsa_error * err) {
+    for (const auto & [which, type] : { std::pair<const char *, int32_t>{ "K", p.type_k }, { "V", p.type_v } }) {
+        if (!is_cache_type(type)) {
+            return set_error(err, PYDHSA_ERR_ARGUMENT, "%s cache type %d is not one of %s", which, type,
+                             pydhsa_cache_type_names());
+        }
+        char buf[32];
+        char arch[64] = { 0 };
+        llama_model_meta_val_str(model, "general.architecture", arch, sizeof(arch));
+        const std::string key = std::string(arch) + (which[0] == 'K' ? ".attention.key_length" : ".attention.value_length");
+        const int32_t head = llama_model_meta_val_str(model, key.c_str(), buf, sizeof(buf)) > 0
+                                 ? atoi(buf)
+                                 : llama_model_n_embd(model) / std::max(1, llama_model_n_head(model));
+        const int64_t block = ggml_blck_size((ggml_type) type);
+        if (head % block != 0) {
+            return set_error(err, PYDHSA_ERR_ARGUMENT,
+                             "%s cache type %s stores blocks of %lld values, but this model's head size is %d", which,
+                             ggml_type_name((ggml_type) type), (long long) block, head);
+        }
+    }
+    if (ggml_is_quantized((ggml_type) p.type_v) && p.flash_attn == 0) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "a quantised V cache (%s) needs flash attention (-fa on or auto)",
+                         ggml_type_name((ggml_type) p.type_v));
+    }
+    return PYDHSA_OK;
+}
 
 extern "C" {
 
@@ -184,7 +223,8 @@ void pydhsa_set_verbose(bool verbose) {
     g_verbose = verbose;
 }
 
-int32_t pydhsa_model_load(const char * path, int32_t n_gpu_layers, pydhsa_model ** out, pydhsa_error * err) {
+static int32_t load_model(const char * path, int32_t n_gpu_layers, bool metadata_only, pydhsa_model ** out,
+                          pydhsa_error * err) {
     if (!path || !out) {
         return set_error(err, PYDHSA_ERR_ARGUMENT, "model path and output pointer must not be NULL");
     }
@@ -201,6 +241,7 @@ int32_t pydhsa_model_load(const char * path, int32_t n_gpu_layers, pydhsa_model 
 
     llama_model_params params = llama_model_default_params();
     params.n_gpu_layers       = n_gpu_layers;
+    params.no_alloc           = metadata_only;
 
     const double t0 = now_ms();
     llama_model * model = nullptr;
@@ -216,8 +257,83 @@ int32_t pydhsa_model_load(const char * path, int32_t n_gpu_layers, pydhsa_model 
     auto * m     = new pydhsa_model;
     m->model     = model;
     m->t_load_ms = now_ms() - t0;
+    m->metadata_only = metadata_only;
     *out         = m;
     return ok(err);
+}
+
+int32_t pydhsa_model_load(const char * path, int32_t n_gpu_layers, pydhsa_model ** out, pydhsa_error * err) {
+    return load_model(path, n_gpu_layers, false, out, err);
+}
+
+int32_t pydhsa_model_load_metadata(const char * path, pydhsa_model ** out, pydhsa_error * err) {
+    return load_model(path, 0, true, out, err);
+}
+
+int32_t pydhsa_cache_type_from_name(const char * name) {
+    for (ggml_type t : kCacheTypes) {
+        if (name && strcmp(name, ggml_type_name(t)) == 0) {
+            return (int32_t) t;
+        }
+    }
+    return -1;
+}
+
+const char * pydhsa_cache_type_names(void) {
+    static const std::string names = [] {
+        std::string s;
+        for (ggml_type t : kCacheTypes) {
+            s += (s.empty() ? "" : ", ") + std::string(ggml_type_name(t));
+        }
+        return s;
+    }();
+    return names.c_str();
+}
+
+int32_t pydhsa_chat_apply(const pydhsa_model * model, const char * const * roles, const char * const * contents,
+                          int32_t n_messages, bool add_assistant, char * buf, int32_t buf_size, int32_t * n_out,
+                          pydhsa_error * err) {
+    if (!model || n_messages < 0 || (n_messages > 0 && (!roles || !contents)) || buf_size < 0 || (buf_size > 0 && !buf) ||
+        !n_out) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "invalid arguments to pydhsa_chat_apply");
+    }
+    const char * tmpl = llama_model_chat_template(model->model, nullptr);
+    if (!tmpl) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "the model file has no chat template (tokenizer.chat_template)");
+    }
+    std::vector<llama_chat_message> chat((size_t) n_messages);
+    for (int32_t i = 0; i < n_messages; i++) {
+        if (!roles[i] || !contents[i]) {
+            return set_error(err, PYDHSA_ERR_ARGUMENT, "chat message %d has no role or content", i);
+        }
+        chat[i] = { roles[i], contents[i] };
+    }
+    const int32_t n = llama_chat_apply_template(tmpl, chat.data(), chat.size(), add_assistant, buf, buf_size);
+    if (n < 0) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT,
+                         "llama.cpp does not know this model's chat template (it applies only its built-in ones)");
+    }
+    *n_out = n;
+    if (n > buf_size) {
+        return set_error(err, PYDHSA_ERR_BUFFER, "chat text needs %d bytes", n);
+    }
+    return ok(err);
+}
+
+int32_t pydhsa_model_dhsa_plan(const pydhsa_model * model, bool all_layers, int32_t type_k, int32_t type_v,
+                               int32_t * routes, int32_t n_layer) {
+    if (!model) {
+        return 0;
+    }
+    const int32_t n_model = llama_model_n_layer(model->model);
+    for (int32_t il = 0; routes && il < n_layer && il < n_model; il++) {
+        routes[il] = llama_dhsa_layer_route(model->model, il, all_layers, type_k, type_v);
+    }
+    return n_model;
+}
+
+const char * pydhsa_dhsa_route_name(int32_t route) {
+    return llama_dhsa_route_name(route);
 }
 
 void pydhsa_model_free(pydhsa_model * model) {
@@ -322,6 +438,8 @@ void pydhsa_session_default_params(pydhsa_session_params * params) {
     params->n_ubatch  = 512;
     params->verbose   = false;
     params->flash_attn = -1;
+    params->type_k     = GGML_TYPE_F16;  // llama.cpp's default cache types
+    params->type_v     = GGML_TYPE_F16;
     pydhsa_dhsa_params & d = params->dhsa;
     d.enabled      = false;
     d.budget       = 0.3;  // DHSA.md defaults
@@ -338,11 +456,7 @@ void pydhsa_session_default_params(pydhsa_session_params * params) {
     d.sparse_decode = false;  // sparse decode lost needles dense decode finds (bench/README.md, full NIAH grid)
 }
 
-static int32_t check_dhsa_params(const pydhsa_dhsa_params & d, const char * arch, pydhsa_error * err) {
-    if (strcmp(arch, "gemma2") != 0 && strcmp(arch, "gemma3") != 0) {
-        return set_error(err, PYDHSA_ERR_ARGUMENT, "DHSA supports the gemma2 and gemma3 architectures, not %s "
-                         "(run it dense)", arch);
-    }
+static int32_t check_dhsa_params(const pydhsa_dhsa_params & d, pydhsa_error * err) {
     if (!(d.budget > 0.0 && d.budget <= 1.0)) {
         return set_error(err, PYDHSA_ERR_ARGUMENT, "DHSA budget must be in (0, 1], got %g", d.budget);
     }
@@ -397,10 +511,14 @@ int32_t pydhsa_session_create(pydhsa_model * model, const pydhsa_session_params 
     if (params->dhsa.enabled && params->flash_attn == 0) {
         return set_error(err, PYDHSA_ERR_ARGUMENT, "DHSA replaces flash attention and cannot run with it turned off");
     }
+    if (model->metadata_only) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "the model was loaded without its weights (metadata only)");
+    }
+    if (int32_t rc = check_cache_types(model->model, *params, err)) {
+        return rc;
+    }
     if (params->dhsa.enabled) {
-        char arch[64] = { 0 };
-        llama_model_meta_val_str(model->model, "general.architecture", arch, sizeof(arch));
-        if (int32_t rc = check_dhsa_params(params->dhsa, arch, err)) {
+        if (int32_t rc = check_dhsa_params(params->dhsa, err)) {
             return rc;
         }
     }
@@ -416,6 +534,8 @@ int32_t pydhsa_session_create(pydhsa_model * model, const pydhsa_session_params 
     cparams.n_threads            = n_threads;
     cparams.n_threads_batch      = n_threads;
     cparams.no_perf              = false;
+    cparams.type_k               = (ggml_type) params->type_k;
+    cparams.type_v               = (ggml_type) params->type_v;
     cparams.flash_attn_type = params->flash_attn < 0 ? LLAMA_FLASH_ATTN_TYPE_AUTO
                               : params->flash_attn == 0 ? LLAMA_FLASH_ATTN_TYPE_DISABLED
                                                         : LLAMA_FLASH_ATTN_TYPE_ENABLED;
@@ -481,6 +601,7 @@ int32_t pydhsa_session_reset(pydhsa_session * session, pydhsa_error * err) {
     }
     llama_memory_clear(llama_get_memory(session->ctx), /*data=*/true);
     session->n_past = 0;
+    session->tokens.clear();
     if (session->dhsa) {
         ggml_dhsa_runtime_release_cache(session->dhsa);  // memory only: stale entries would not match anyway
     }
@@ -505,6 +626,7 @@ static int32_t decode_tokens(pydhsa_session * s, const int32_t * tokens, int32_t
                          why.empty() ? "" : ": ", why.c_str());
     }
     s->n_past += n;
+    s->tokens.insert(s->tokens.end(), tokens, tokens + n);
     return PYDHSA_OK;
 }
 
@@ -545,34 +667,89 @@ int32_t pydhsa_prefill(pydhsa_session * session, const int32_t * tokens, int32_t
     return ok(err);
 }
 
-static llama_sampler * make_sampler(float temperature, uint32_t seed) {
+void pydhsa_sampling_default_params(pydhsa_sampling_params * params) {
+    if (!params) {
+        return;
+    }
+    // llama.cpp's defaults (common/common.h: common_params_sampling)
+    params->temperature    = 0.8f;
+    params->seed           = 0;
+    params->top_k          = 40;
+    params->top_p          = 0.95f;
+    params->min_p          = 0.05f;
+    params->repeat_penalty = 1.0f;
+    params->repeat_last_n  = 64;
+}
+
+static int32_t check_sampling(const pydhsa_sampling_params & p, pydhsa_error * err) {
+    if (!(p.temperature == p.temperature) || p.temperature > 100.0f) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "temperature must be a number between 0 and 100");
+    }
+    if (!(p.top_p >= 0.0f && p.top_p <= 1.0f) || !(p.min_p >= 0.0f && p.min_p <= 1.0f)) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "top-p and min-p must be between 0 and 1, got %g and %g", p.top_p,
+                         p.min_p);
+    }
+    if (!(p.repeat_penalty > 0.0f && p.repeat_penalty <= 100.0f)) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "repeat penalty must be in (0, 100], got %g", p.repeat_penalty);
+    }
+    if (p.repeat_last_n < -1 || p.top_k > (1 << 24)) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "repeat-last-n must be -1 (context) or >= 0, got %d", p.repeat_last_n);
+    }
+    return PYDHSA_OK;
+}
+
+// llama.cpp's sampler order (penalties first, then the truncations, temperature and the draw), primed
+// with the context's last tokens so that the penalty sees the prompt as llama.cpp's tools do.
+static llama_sampler * make_sampler(const pydhsa_session & s, const pydhsa_sampling_params & p) {
     llama_sampler * chain = llama_sampler_chain_init(llama_sampler_chain_default_params());
-    if (temperature <= 0.0f) {
+    const int32_t last_n  = p.repeat_last_n < 0 ? s.n_ctx : p.repeat_last_n;
+    if (p.repeat_penalty != 1.0f && last_n > 0) {
+        const int32_t n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(s.model->model));
+        llama_sampler * penalties = llama_sampler_init_penalties(n_vocab, last_n, p.repeat_penalty, 0.0f, 0.0f);
+        const size_t n = std::min(s.tokens.size(), (size_t) last_n);
+        for (size_t i = s.tokens.size() - n; i < s.tokens.size(); i++) {
+            llama_sampler_accept(penalties, s.tokens[i]);
+        }
+        llama_sampler_chain_add(chain, penalties);
+    }
+    if (p.temperature <= 0.0f) {
         llama_sampler_chain_add(chain, llama_sampler_init_greedy());
         return chain;
     }
-    llama_sampler_chain_add(chain, llama_sampler_init_top_k(40));
-    llama_sampler_chain_add(chain, llama_sampler_init_top_p(0.95f, 1));
-    llama_sampler_chain_add(chain, llama_sampler_init_min_p(0.05f, 1));
-    llama_sampler_chain_add(chain, llama_sampler_init_temp(temperature));
-    llama_sampler_chain_add(chain, llama_sampler_init_dist(seed));
+    if (p.top_k > 0) {
+        llama_sampler_chain_add(chain, llama_sampler_init_top_k(p.top_k));
+    }
+    llama_sampler_chain_add(chain, llama_sampler_init_top_p(p.top_p, 1));
+    llama_sampler_chain_add(chain, llama_sampler_init_min_p(p.min_p, 1));
+    llama_sampler_chain_add(chain, llama_sampler_init_temp(p.temperature));
+    llama_sampler_chain_add(chain, llama_sampler_init_dist(p.seed));
     return chain;
 }
 
 int32_t pydhsa_generate(pydhsa_session * session, int32_t max_tokens, float temperature, uint32_t seed,
                         pydhsa_token_callback callback, void * user_data, int32_t * n_generated, pydhsa_error * err) {
-    if (!session || max_tokens < 0 || !n_generated) {
+    pydhsa_sampling_params p;
+    pydhsa_sampling_default_params(&p);
+    p.temperature = temperature;
+    p.seed        = seed;
+    return pydhsa_generate_sampled(session, max_tokens, &p, callback, user_data, n_generated, err);
+}
+
+int32_t pydhsa_generate_sampled(pydhsa_session * session, int32_t max_tokens, const pydhsa_sampling_params * sampling,
+                                pydhsa_token_callback callback, void * user_data, int32_t * n_generated,
+                                pydhsa_error * err) {
+    if (!session || max_tokens < 0 || !n_generated || !sampling) {
         return set_error(err, PYDHSA_ERR_ARGUMENT, "invalid arguments to pydhsa_generate");
     }
     *n_generated = 0;
     if (session->n_past == 0) {
         return set_error(err, PYDHSA_ERR_ARGUMENT, "generate needs a prompt: prefill at least one token first");
     }
-    if (!(temperature == temperature) || temperature > 100.0f) {
-        return set_error(err, PYDHSA_ERR_ARGUMENT, "temperature must be a number between 0 and 100");
+    if (int32_t rc = check_sampling(*sampling, err)) {
+        return rc;
     }
     const llama_vocab * vocab = llama_model_get_vocab(session->model->model);
-    llama_sampler * sampler   = make_sampler(temperature, seed);
+    llama_sampler * sampler   = make_sampler(*session, *sampling);
     if (session->dhsa) {
         // Dense decode: new graphs keep upstream flash attention; a DHSA graph that llama.cpp reuses from a
         // one-token prefill still attends to everything through dense_from.
@@ -650,6 +827,17 @@ int32_t pydhsa_session_dhsa_stats(const pydhsa_session * session, int64_t * comp
         const bool have = session->dhsa != nullptr && il < n_model;
         computed[il]    = have ? __atomic_load_n(&session->dhsa->pairs_computed[il], __ATOMIC_RELAXED) : 0;
         causal[il]      = have ? __atomic_load_n(&session->dhsa->pairs_causal[il], __ATOMIC_RELAXED) : 0;
+    }
+    return n_model;
+}
+
+int32_t pydhsa_session_dhsa_routes(const pydhsa_session * session, int32_t * routes, int32_t n_layer) {
+    if (!session) {
+        return 0;
+    }
+    const int32_t n_model = llama_model_n_layer(session->model->model);
+    for (int32_t il = 0; routes && il < n_layer && il < DHSA_MAX_LAYERS; il++) {
+        routes[il] = session->dhsa != nullptr && il < n_model ? session->dhsa->layer_route[il] : 0;
     }
     return n_model;
 }

@@ -90,8 +90,23 @@ typedef struct {
     int32_t n_ubatch;   /* physical batch size */
     bool verbose;       /* let llama.cpp's log through to stderr */
     int32_t flash_attn; /* -1 auto (llama.cpp's default), 0 off, 1 on; DHSA needs it on or auto */
+    int32_t type_k;     /* K cache type (a ggml_type id, see pydhsa_cache_type_from_name); default f16 */
+    int32_t type_v;     /* V cache type; a quantised V cache needs flash attention (on or auto) */
     pydhsa_dhsa_params dhsa;
 } pydhsa_session_params;
+
+/* Sampling for pydhsa_generate_sampled, llama.cpp's samplers and defaults (pydhsa_sampling_default_params):
+ * repetition penalty over the last repeat_last_n tokens of the context (prompt included), then greedy
+ * (temperature <= 0) or top-k, top-p, min-p, temperature and a seeded draw. */
+typedef struct {
+    float temperature;     /* <= 0: greedy; default 0.8 */
+    uint32_t seed;
+    int32_t top_k;         /* <= 0: off; default 40 */
+    float top_p;           /* 1: off; default 0.95 */
+    float min_p;           /* 0: off; default 0.05 */
+    float repeat_penalty;  /* 1: off (default) */
+    int32_t repeat_last_n; /* tokens the penalty looks back over; 0 off, -1 the whole context; default 64 */
+} pydhsa_sampling_params;
 
 typedef struct {
     double t_load_ms;       /* model load */
@@ -125,6 +140,31 @@ PYDHSA_API int32_t pydhsa_tokenize(const pydhsa_model * model, const char * text
 PYDHSA_API int32_t pydhsa_detokenize(const pydhsa_model * model, const int32_t * tokens, int32_t n_tokens,
                                      char * buf, int32_t buf_size, int32_t * n_out, pydhsa_error * err);
 
+/* The K/V cache types a session accepts, by llama.cpp's names (f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl,
+ * q5_0, q5_1): the ggml_type id, or -1 for any other name. pydhsa_cache_type_names lists them,
+ * comma-separated. The DHSA kernels read f32, f16, bf16 and q8_0; layers on other types run dense. */
+PYDHSA_API int32_t pydhsa_cache_type_from_name(const char * name);
+PYDHSA_API const char * pydhsa_cache_type_names(void);
+
+/* Chat template: the model's own (tokenizer.chat_template) applied to n messages by
+ * llama_chat_apply_template (llama.cpp's built-in template list, not a Jinja engine). add_assistant ends
+ * the text with the start of an assistant turn. *n_out is the byte length; PYDHSA_ERR_BUFFER when it
+ * exceeds buf_size; PYDHSA_ERR_ARGUMENT when the model has no template or llama.cpp does not know it. */
+PYDHSA_API int32_t pydhsa_chat_apply(const pydhsa_model * model, const char * const * roles,
+                                     const char * const * contents, int32_t n_messages, bool add_assistant,
+                                     char * buf, int32_t buf_size, int32_t * n_out, pydhsa_error * err);
+
+/* Per layer, the route DHSA would take with these settings and cache types (an enum dhsa_layer_route
+ * value, named by pydhsa_dhsa_route_name: "dhsa" or "dense: <why>"), from the model's hyperparameters and
+ * weights. Fills n_layer entries; returns the model's layer count. */
+PYDHSA_API int32_t pydhsa_model_dhsa_plan(const pydhsa_model * model, bool all_layers, int32_t type_k, int32_t type_v,
+                                          int32_t * routes, int32_t n_layer);
+PYDHSA_API const char * pydhsa_dhsa_route_name(int32_t route);
+
+/* Load only the model's metadata and tensor shapes, no weights (llama.cpp's no_alloc): enough for
+ * pydhsa_model_get_info, pydhsa_model_meta and pydhsa_model_dhsa_plan, not for a session. */
+PYDHSA_API int32_t pydhsa_model_load_metadata(const char * path, pydhsa_model ** out, pydhsa_error * err);
+
 PYDHSA_API void pydhsa_session_default_params(pydhsa_session_params * params);
 PYDHSA_API int32_t pydhsa_session_create(pydhsa_model * model, const pydhsa_session_params * params,
                                          pydhsa_session ** out, pydhsa_error * err);
@@ -143,6 +183,11 @@ PYDHSA_API int32_t pydhsa_prefill(pydhsa_session * session, const int32_t * toke
 PYDHSA_API int32_t pydhsa_generate(pydhsa_session * session, int32_t max_tokens, float temperature, uint32_t seed,
                                    pydhsa_token_callback callback, void * user_data, int32_t * n_generated,
                                    pydhsa_error * err);
+PYDHSA_API void pydhsa_sampling_default_params(pydhsa_sampling_params * params);
+/* pydhsa_generate with every sampler setting (invalid values: PYDHSA_ERR_ARGUMENT). */
+PYDHSA_API int32_t pydhsa_generate_sampled(pydhsa_session * session, int32_t max_tokens,
+                                           const pydhsa_sampling_params * sampling, pydhsa_token_callback callback,
+                                           void * user_data, int32_t * n_generated, pydhsa_error * err);
 /* Logits of the last evaluated position (n_vocab floats). */
 PYDHSA_API int32_t pydhsa_last_logits(pydhsa_session * session, float * out, int32_t n_vocab, pydhsa_error * err);
 PYDHSA_API void pydhsa_session_timings(const pydhsa_session * session, pydhsa_timings * out);
@@ -151,10 +196,13 @@ PYDHSA_API void pydhsa_session_timings(const pydhsa_session * session, pydhsa_ti
  * array; returns the number of layers of the model. */
 PYDHSA_API int32_t pydhsa_session_dhsa_stats(const pydhsa_session * session, int64_t * computed, int64_t * causal,
                                              int32_t n_layer);
+/* Per layer, the route the graphs built so far gave its attention (see pydhsa_model_dhsa_plan; 0 = no
+ * graph has built it yet, or DHSA is off). Returns the model's layer count. */
+PYDHSA_API int32_t pydhsa_session_dhsa_routes(const pydhsa_session * session, int32_t * routes, int32_t n_layer);
 
 /* ---- op-level access for tests and benchmarks (one attention layer on one ggml backend) --------------
- * Q: [n_q][n_head][d] float32; K, V: [n_kv][n_head_kv][d] float32 (kv_f16 = false) or IEEE half (true),
- * all contiguous. The queries sit at key positions q_pos0 .. q_pos0+n_q-1 (causal mask built here).
+ * Q: [n_q][n_head][d] float32; K, V: [n_kv][n_head_kv] rows of d values in the ggml type kv_type (0 f32,
+ * 1 f16, 8 q8_0, 30 bf16, ...: ggml's own row layout, as a KV cache of that type stores them), contiguous. The queries sit at key positions q_pos0 .. q_pos0+n_q-1 (causal mask built here).
  * mode: PYDHSA_OP_DHSA (our select + attn ops, settings from `dhsa`, dense_from as given),
  *       PYDHSA_OP_FLASH (upstream ggml_flash_attn_ext, dense), or
  *       PYDHSA_OP_MASK (our selection turned into a -inf mask for upstream flash_attn_ext: the mask route),
@@ -173,7 +221,7 @@ PYDHSA_API int32_t pydhsa_session_dhsa_stats(const pydhsa_session * session, int
 typedef enum { PYDHSA_OP_DHSA = 0, PYDHSA_OP_FLASH = 1, PYDHSA_OP_MASK = 2, PYDHSA_OP_SELECT = 3 } pydhsa_op_mode;
 
 PYDHSA_API int32_t pydhsa_op_attention(int32_t mode, const pydhsa_dhsa_params * dhsa, int32_t dense_from,
-                                       const float * q, const void * k, const void * v, bool kv_f16,
+                                       const float * q, const void * k, const void * v, int32_t kv_type,
                                        int32_t n_q, int32_t n_kv, int32_t n_head, int32_t n_head_kv, int32_t d,
                                        int32_t q_pos0, float scale, float softcap, const char * device,
                                        int32_t n_threads, int32_t n_repeat, bool warm_cache,

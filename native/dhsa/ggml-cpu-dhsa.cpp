@@ -80,18 +80,24 @@ int32_t row_position(const ggml_tensor * mask, int64_t r, int64_t n_kv) {
     return -1;
 }
 
-// Keys [row0, row1) of every KV head as f32 rows [row][head][d] (no copy needed for contiguous f32).
+// One row of n cache values as f32, for every K/V type the op accepts (ggml_dhsa_supports_kv_type):
+// ggml-cpu's SIMD conversions for f16 and bf16, ggml's own dequantisation for q8_0. Selection and
+// attention both read keys through here, so a quantised cache is seen exactly as ggml dequantises it.
+void row_to_f32(ggml_type type, const void * src, float * dst, int64_t n) {
+    switch (type) {
+        case GGML_TYPE_F16:  ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) src, dst, n); break;
+        case GGML_TYPE_BF16: ggml_cpu_bf16_to_fp32((const ggml_bf16_t *) src, dst, n); break;
+        case GGML_TYPE_F32:  memcpy(dst, src, sizeof(float) * n); break;
+        default:             ggml_get_type_traits(type)->to_float(src, dst, n); break;
+    }
+}
+
+// Keys [row0, row1) of every KV head as f32 rows [row][head][d].
 dhsa_tensor key_rows_f32(const ggml_tensor * k, int64_t row0, int64_t row1, float * buf) {
     const int64_t d = k->ne[0], n_head_kv = k->ne[2];
     for (int64_t j = row0; j < row1; j++) {
         for (int64_t h = 0; h < n_head_kv; h++) {
-            const char * src = (const char *) k->data + j * k->nb[1] + h * k->nb[2];
-            float *      dst = buf + ((j - row0) * n_head_kv + h) * d;
-            if (k->type == GGML_TYPE_F16) {
-                ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) src, dst, d);
-            } else {
-                memcpy(dst, src, sizeof(float) * d);
-            }
+            row_to_f32(k->type, (const char *) k->data + j * k->nb[1] + h * k->nb[2], buf + ((j - row0) * n_head_kv + h) * d, d);
         }
     }
     return dhsa_tensor{ buf, (int32_t) (row1 - row0), (int32_t) n_head_kv, (int32_t) d, n_head_kv * d, d };
@@ -206,13 +212,14 @@ void ggml_dhsa_runtime_release_cache(struct dhsa_runtime * rt) {
 }
 
 // Per-thread scratch of the attention kernel for one work item of up to `rows` query rows x heads:
-// the gathered queries, one K tile (transposed) and one V tile in f32, the tile's scores and mask, and
-// the online-softmax state (running max, sum and output accumulator) of every row.
+// the gathered queries, one K tile (row-major as converted, and transposed) and one V tile in f32, the
+// tile's scores and mask, and the online-softmax state (running max, sum and output accumulator) of
+// every row.
 struct attn_scratch {
-    float * q, * k_t, * v, * kq, * mask, * m_run, * l_run, * acc;
+    float * q, * k_rows, * k_t, * v, * kq, * mask, * m_run, * l_run, * acc;
 
     static size_t bytes(int64_t rows, int64_t dk, int64_t dv) {
-        return align_up(sizeof(float) * rows * dk) + align_up(sizeof(float) * dk * kTile) +
+        return align_up(sizeof(float) * rows * dk) + 2 * align_up(sizeof(float) * dk * kTile) +
                align_up(sizeof(float) * kTile * dv) + 2 * align_up(sizeof(float) * rows * kTile) +
                2 * align_up(sizeof(float) * rows) + align_up(sizeof(float) * rows * dv);
     }
@@ -220,8 +227,9 @@ struct attn_scratch {
     attn_scratch(char * base, int64_t rows, int64_t dk, int64_t dv) {
         char * p = base;
         auto take = [&p](size_t n) { float * f = (float *) p; p += align_up(n); return f; };
-        q     = take(sizeof(float) * rows * dk);
-        k_t   = take(sizeof(float) * dk * kTile);
+        q      = take(sizeof(float) * rows * dk);
+        k_rows = take(sizeof(float) * dk * kTile);
+        k_t    = take(sizeof(float) * dk * kTile);
         v     = take(sizeof(float) * kTile * dv);
         kq    = take(sizeof(float) * rows * kTile);
         mask  = take(sizeof(float) * rows * kTile);
@@ -419,43 +427,26 @@ void ggml_compute_forward_dhsa_attn(const struct ggml_compute_params * params, s
             const int64_t start = slot[1 + 2 * ri], end = std::min<int64_t>(slot[2 + 2 * ri], pe + 1);
             for (int64_t t0 = start; t0 < end; t0 += kTile) {
                 const int64_t nt = std::min(end - t0, kTile);
-                // One conversion per tile, shared by all rows and heads of the item. With many score rows
-                // (prefill) K is stored transposed (k_t[i][t]) so that scores are one GEMM over the tile, as
-                // upstream's tiled flash attention does; with a few (decode) K stays row-major, converted
-                // with SIMD, and each score is one dot product. Missing keys of a short tile are zero (and
-                // masked below).
-                for (int64_t t = 0; t < kTile; t++) {
-                    if (t < nt) {
-                        const char * kr = (const char *) k->data + (t0 + t) * k->nb[1] + g * k->nb[2];
-                        const char * vr = (const char *) v->data + (t0 + t) * v->nb[1] + g * v->nb[2];
-                        if (k->type == GGML_TYPE_F16) {
-                            if (few_rows) {
-                                ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) kr, w.k_t + t * dk, dk);
-                            } else {
-                                for (int64_t i = 0; i < dk; i++) {
-                                    w.k_t[i * kTile + t] = GGML_CPU_FP16_TO_FP32(((const ggml_fp16_t *) kr)[i]);
-                                }
-                            }
-                            ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) vr, w.v + t * dv, dv);
-                        } else {
-                            if (few_rows) {
-                                memcpy(w.k_t + t * dk, kr, sizeof(float) * dk);
-                            } else {
-                                for (int64_t i = 0; i < dk; i++) {
-                                    w.k_t[i * kTile + t] = ((const float *) kr)[i];
-                                }
-                            }
-                            memcpy(w.v + t * dv, vr, sizeof(float) * dv);
+                // One conversion per tile, shared by all rows and heads of the item, with SIMD whatever the
+                // cache type (row_to_f32). With many score rows (prefill) K is then transposed (k_t[i][t])
+                // so that scores are one GEMM over the tile, as upstream's tiled flash attention does; with
+                // a few (decode) K stays row-major and each score is one dot product. Missing keys of a
+                // short tile are zero (and masked below).
+                float * k_dst = few_rows ? w.k_t : w.k_rows;
+                for (int64_t t = 0; t < nt; t++) {
+                    row_to_f32(k->type, (const char *) k->data + (t0 + t) * k->nb[1] + g * k->nb[2], k_dst + t * dk, dk);
+                    row_to_f32(v->type, (const char *) v->data + (t0 + t) * v->nb[1] + g * v->nb[2], w.v + t * dv, dv);
+                }
+                if (nt < kTile) {
+                    memset(k_dst + nt * dk, 0, sizeof(float) * (kTile - nt) * dk);
+                    memset(w.v + nt * dv, 0, sizeof(float) * (kTile - nt) * dv);
+                }
+                if (!few_rows) {
+                    for (int64_t t = 0; t < kTile; t++) {
+                        const float * kr = w.k_rows + t * dk;
+                        for (int64_t i = 0; i < dk; i++) {
+                            w.k_t[i * kTile + t] = kr[i];
                         }
-                    } else {
-                        if (few_rows) {
-                            memset(w.k_t + t * dk, 0, sizeof(float) * dk);
-                        } else {
-                            for (int64_t i = 0; i < dk; i++) {
-                                w.k_t[i * kTile + t] = 0.0f;
-                            }
-                        }
-                        memset(w.v + t * dv, 0, sizeof(float) * dv);
                     }
                 }
                 // Mask of each query row over the tile (the row's own mask, causal, and -inf padding).

@@ -16,6 +16,16 @@ static void dhsa_set_params(struct ggml_tensor * t, struct dhsa_runtime * rt, in
     ggml_set_op_params(t, params, sizeof(params));
 }
 
+bool ggml_dhsa_supports_kv_type(enum ggml_type type) {
+    return type == GGML_TYPE_F32 || type == GGML_TYPE_F16 || type == GGML_TYPE_BF16 || type == GGML_TYPE_Q8_0;
+}
+
+bool ggml_dhsa_supports_head_size(int64_t d) {
+    // The per-thread scratch of the CPU kernel grows with d (ggml-cpu-dhsa.cpp), and every head size the
+    // supported architectures use (64, 80, 96, 128, 256) is a multiple of 16.
+    return d >= 16 && d <= 512 && d % 16 == 0;
+}
+
 int32_t ggml_dhsa_max_ranges(int64_t n_kv, const struct dhsa_runtime * rt) {
     // Each range holds the sink, the local window or at least one chunk, and ranges are separated by at
     // least one key: bounded by the chunk count + 2 and by half the keys.
@@ -30,7 +40,7 @@ struct ggml_tensor * ggml_dhsa_select(struct ggml_context * ctx, struct ggml_ten
                                       struct ggml_tensor * kq_mask, struct dhsa_runtime * rt, int32_t il) {
     GGML_ASSERT(rt != NULL && il >= 0 && il < DHSA_MAX_LAYERS);
     GGML_ASSERT(q->type == GGML_TYPE_F32 && q->nb[0] == sizeof(float));
-    GGML_ASSERT(k->type == GGML_TYPE_F16 || k->type == GGML_TYPE_F32);
+    GGML_ASSERT(ggml_dhsa_supports_kv_type(k->type) && ggml_dhsa_supports_head_size(k->ne[0]));
     GGML_ASSERT(q->ne[0] == k->ne[0] && q->ne[3] == 1 && k->ne[3] == 1);
     GGML_ASSERT(q->ne[2] % k->ne[2] == 0);
     GGML_ASSERT(kq_mask && kq_mask->type == GGML_TYPE_F16 && kq_mask->ne[0] == k->ne[1] && kq_mask->ne[1] >= q->ne[1]);
@@ -52,7 +62,8 @@ struct ggml_tensor * ggml_dhsa_attn(struct ggml_context * ctx, struct ggml_tenso
                                     struct ggml_tensor * v, struct ggml_tensor * kq_mask, struct ggml_tensor * sel,
                                     float scale, float softcap, struct dhsa_runtime * rt, int32_t il) {
     GGML_ASSERT(sel && sel->op == GGML_OP_DHSA_SELECT && sel->src[0] == q && sel->src[1] == k);
-    GGML_ASSERT(v->type == k->type && v->ne[1] == k->ne[1] && v->ne[2] == k->ne[2] && v->ne[3] == 1);
+    GGML_ASSERT(ggml_dhsa_supports_kv_type(v->type) && ggml_dhsa_supports_head_size(v->ne[0]));
+    GGML_ASSERT(v->ne[1] == k->ne[1] && v->ne[2] == k->ne[2] && v->ne[3] == 1);
     GGML_ASSERT(v->nb[0] == ggml_type_size(v->type));  // not transposed (flash-attention layout)
     GGML_ASSERT(softcap >= 0.0f);
 

@@ -4,9 +4,10 @@
 //   sel = ggml_dhsa_select(ctx, q, k, kq_mask, rt, il)          -> I32 range lists
 //   out = ggml_dhsa_attn  (ctx, q, k, v, kq_mask, sel, scale, softcap, rt, il)
 //
-// The tensors are those of ggml_flash_attn_ext (q [d, n_q, H, 1] f32, k/v [d, n_kv, H_kv, 1] f16 or f32,
-// kq_mask [n_kv, >= n_q] f16 with 0 / -inf), and `out` has flash_attn_ext's layout [d_v, H, n_q, 1], so
-// the graph swaps one call for the other.
+// The tensors are those of ggml_flash_attn_ext (q [d, n_q, H, 1] f32, k/v [d, n_kv, H_kv, 1] of a type
+// ggml_dhsa_supports_kv_type accepts, kq_mask [n_kv, >= n_q] f16 with 0 / -inf), and `out` has
+// flash_attn_ext's layout [d_v, H, n_q, 1], so the graph swaps one call for the other. Any GQA group
+// (H a multiple of H_kv) and any head size that ggml_dhsa_supports_head_size accepts.
 //
 // Query positions are read from the mask: row r's position is its last unmasked key (the cache cell the
 // query was stored in). Selection works in cache-cell order, which is token order for one sequence;
@@ -58,7 +59,34 @@ struct dhsa_runtime {
     // ggml_dhsa_runtime_release_cache through release_device_cache, which the CUDA backend sets)
     void * device_cache;
     void (*release_device_cache)(struct dhsa_runtime * rt);
+    // set by the graph hook (llama-dhsa.cpp) each time it builds a layer's attention: an enum
+    // dhsa_layer_route, so that the caller can say which layers ran DHSA and why the others did not
+    int32_t layer_route[DHSA_MAX_LAYERS];
 };
+
+// Why a layer's attention did or did not become DHSA (dhsa_runtime.layer_route; names in
+// llama_dhsa_route_name). Transient reasons (a short context, a dense-decode graph) are not recorded:
+// they say nothing about the layer.
+enum dhsa_layer_route {
+    DHSA_ROUTE_UNSEEN = 0,      // no graph has built this layer's attention yet
+    DHSA_ROUTE_DHSA,            // DHSA select + attention
+    DHSA_ROUTE_SLIDING_WINDOW,  // a sliding-window layer, and layers=global
+    DHSA_ROUTE_ALIBI,           // ALiBi position bias (the kernel adds no per-head slope)
+    DHSA_ROUTE_SINKS,           // attention-sink logits (gpt-oss)
+    DHSA_ROUTE_MLA,             // multi-head latent attention (v_mla projection after attention)
+    DHSA_ROUTE_TOP_K,           // upstream's own sparse attention (DeepSeek's indexer top-k)
+    DHSA_ROUTE_HEAD_SIZE,       // a head size the kernels have no path for
+    DHSA_ROUTE_CACHE_TYPE,      // a K/V cache type the kernels cannot read
+    DHSA_ROUTE_STREAMS,         // several sequences in separate KV streams in one ubatch
+    DHSA_ROUTE_MASK,            // a mask that is not f16 (or none)
+    DHSA_ROUTE_ARCH_LAYERS,     // a layer index past DHSA_MAX_LAYERS
+    DHSA_ROUTE_COUNT
+};
+
+// K/V cache types the DHSA kernels read directly: f32, f16, bf16 and q8_0 (others: upstream attention).
+GGML_API bool ggml_dhsa_supports_kv_type(enum ggml_type type);
+// Head sizes (of K, and of V) the kernels handle: multiples of 16 up to 512.
+GGML_API bool ggml_dhsa_supports_head_size(int64_t d);
 
 GGML_API struct ggml_tensor * ggml_dhsa_select(struct ggml_context * ctx, struct ggml_tensor * q, struct ggml_tensor * k,
                                                struct ggml_tensor * kq_mask, struct dhsa_runtime * rt, int32_t il);
