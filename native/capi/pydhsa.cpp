@@ -242,6 +242,10 @@ static int32_t load_model(const char * path, int32_t n_gpu_layers, bool metadata
     llama_model_params params = llama_model_default_params();
     params.n_gpu_layers       = n_gpu_layers;
     params.no_alloc           = metadata_only;
+    if (metadata_only) {
+        params.load_mode = LLAMA_LOAD_MODE_NONE;  // no_alloc maps nothing (llama.cpp asserts it)
+        params.lazy_mode = LLAMA_LAZY_MODE_OFF;
+    }
 
     const double t0 = now_ms();
     llama_model * model = nullptr;
