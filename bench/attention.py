@@ -244,12 +244,12 @@ def ranges_density(ranges, n_q: int, q_pos0: int, q_block: int) -> float:
 
 def time_mode(Q, K, V, mode: str, cfg, threads: int, q_pos0: Optional[int] = None,
               dense_from: Optional[int] = None, device: str = "cpu", n_repeat: int = 1,
-              warm_cache: bool = False):
+              warm_cache: bool = False, kv_type: Optional[str] = None):
     """One call of run_attention; returns the OpResult (elapsed_ms is the engine's compute time, the median
-    of n_repeat runs after a warm-up when n_repeat > 1)."""
+    of n_repeat runs after a warm-up when n_repeat > 1). kv_type: the K/V cache type (default: K's dtype)."""
     from pydhsa.op import run_attention
     return run_attention(Q, K, V, mode=mode, config=cfg, q_pos0=q_pos0, n_threads=threads, dense_from=dense_from,
-                         device=device, n_repeat=n_repeat, warm_cache=warm_cache)
+                         device=device, n_repeat=n_repeat, warm_cache=warm_cache, kv_type=kv_type)
 
 
 def gpu_info() -> Optional[Dict[str, Any]]:

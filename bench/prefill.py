@@ -84,7 +84,7 @@ def mode_key(budget: Optional[float]) -> str:
 def prefill_once(model, tokens: Sequence[int], n_ctx: int, budget: Optional[float], args) -> Dict[str, Any]:
     cfg = None if budget is None else dhsa_config(args, budget)
     session = model.session(n_ctx=n_ctx, n_threads=args.threads, n_batch=args.n_batch, n_ubatch=args.n_ubatch,
-                            dhsa=cfg)
+                            dhsa=cfg, type_k=args.cache_type_k, type_v=args.cache_type_v)
     try:
         rss_before = proc_status_bytes("VmRSS")
         t0 = time.perf_counter()
@@ -123,6 +123,7 @@ def run_one(args) -> int:
 
 def rss_subprocess(tokens_file: Path, n_ctx: int, budget: Optional[float], args) -> Dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", "--tokens-file", str(tokens_file),
+           "-ctk", args.cache_type_k, "-ctv", args.cache_type_v,
            "--one-mode", "dense" if budget is None else "dhsa", "--n-ctx", str(n_ctx), "--model", str(args.model),
            "--threads", str(args.threads), "--n-batch", str(args.n_batch), "--n-ubatch", str(args.n_ubatch),
            "--boundary", args.boundary, "--min-context", str(args.min_context), "--dense-tail",
@@ -176,13 +177,15 @@ def estimate_attention(n_tokens: int, n_head: int, n_head_kv: int, d: int, budge
     measure = sorted({u for u in range(len(ubs)) if u % stride == 0} | {len(ubs) - 1}
                      | ({first_sparse} if first_sparse < len(ubs) else set()))
     cfgs = {b: dhsa_config(args, b) for b in budgets}
+    # The op runner stores K and V in one type: the K cache type (selection and most of the reads).
+    kv = {"kv_type": args.cache_type_k if args.cache_type_k in ("f16", "bf16", "q8_0") else None}
     # Untimed warm-up: flash on the first ubatch, dhsa on the first one with enough keys.
     q0, nq = ubs[0]
-    A.time_mode(Q[q0:q0 + nq], K[:q0 + nq], V[:q0 + nq], "flash", None, args.threads, q_pos0=q0)
+    A.time_mode(Q[q0:q0 + nq], K[:q0 + nq], V[:q0 + nq], "flash", None, args.threads, q_pos0=q0, **kv)
     if first_sparse < len(ubs) and budgets:
         q0, nq = ubs[first_sparse]
         A.time_mode(Q[q0:q0 + nq], K[:q0 + nq], V[:q0 + nq], "dhsa", cfgs[budgets[0]], args.threads, q_pos0=q0,
-                    dense_from=dense_from)
+                    dense_from=dense_from, **kv)
     flash: Dict[int, float] = {}
     dhsa: Dict[float, Dict[int, float]] = {b: {} for b in budgets}
     op_density: Dict[float, Dict[int, float]] = {b: {} for b in budgets}
@@ -195,11 +198,11 @@ def estimate_attention(n_tokens: int, n_head: int, n_head_kv: int, d: int, budge
         ft, dt = [], {b: [] for b in budgets}
         dens = {}
         for rep in range(args.attn_repeats):
-            ft.append(A.time_mode(q, k, v, "flash", None, args.threads, q_pos0=q0).elapsed_ms)
+            ft.append(A.time_mode(q, k, v, "flash", None, args.threads, q_pos0=q0, **kv).elapsed_ms)
             for b in budgets:
                 if n_kv < args.min_context:
                     continue  # the engine runs flash attention here
-                res = A.time_mode(q, k, v, "dhsa", cfgs[b], args.threads, q_pos0=q0, dense_from=dense_from)
+                res = A.time_mode(q, k, v, "dhsa", cfgs[b], args.threads, q_pos0=q0, dense_from=dense_from, **kv)
                 dt[b].append(res.elapsed_ms)
                 if b not in dens:
                     dens[b] = A.ranges_density(res.ranges, nq, q0, cfgs[b].q_block)
@@ -329,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="--one/--tokens-file/--one-mode/--one-budget/--n-ctx are the internal subprocess mode used for "
                "peak-RSS measurements.")
     ap.add_argument("--model", "-m", default=None, help="GGUF model (default: the embedded Gemma 3 270M Q4_K_M)")
+    ap.add_argument("--model-name", default=None, help="an embedded model instead (pydhsa.models: gemma3-270m, "
+                                                       "qwen2.5-coder-0.5b)")
+    ap.add_argument("-ctk", "--cache-type-k", default="f16", help="K cache type (default f16)")
+    ap.add_argument("-ctv", "--cache-type-v", default="f16", help="V cache type (default f16)")
     ap.add_argument("--lengths", type=A.parse_int_list, default=[4096, 8192, 16384, 32768], metavar="LIST",
                     help="prompt lengths in tokens, 'k' suffix allowed (default 4k,8k,16k,32k)")
     ap.add_argument("--budgets", type=A.parse_float_list, default=[0.3], metavar="LIST",
@@ -376,8 +383,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.model is None:
-        from pydhsa.default_model import default_model_path
-        args.model = str(default_model_path())
+        from pydhsa.models import model_path
+        args.model = str(model_path(args.model_name))
     if args.one:
         if not args.tokens_file or args.n_ctx < 1:
             ap.error("--one needs --tokens-file and --n-ctx")

@@ -407,6 +407,15 @@ _QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": 
                          "\u2014": "-", "\u00a0": " "})
 
 
+def as_chat(prompt_text: str, apply_template: Callable[[List[Dict[str, str]]], str]) -> str:
+    """A completion-style prompt as one chat turn, for instruct models: everything up to the answer line is
+    the user's message, and the assistant's turn starts with the answer prefix, so the model still only
+    continues the answer. `apply_template` is the model's chat template (pydhsa.Model.chat_prompt)."""
+    cut = prompt_text.rindex("\nAnswer: ")
+    user, answer_prefix = prompt_text[:cut], prompt_text[cut + len("\nAnswer: "):]
+    return apply_template([{"role": "user", "content": user}]) + answer_prefix
+
+
 def _words(s: str) -> List[str]:
     return _WORD_RE.findall(s.translate(_QUOTES).lower())
 

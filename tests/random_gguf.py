@@ -1,6 +1,6 @@
 """Small random-weight GGUF models of the `llama` and `qwen2` architectures, for tests.
 
-    from tests.random_gguf import write_random_model
+    from random_gguf import write_random_model   # in tests/ (pytest puts tests/ on sys.path)
     path = write_random_model(tmp_path / "tiny-qwen2.gguf", "qwen2")             # heads 14/2, d 64
     path = write_random_model(tmp_path / "tiny-llama.gguf", "llama", n_head=32, n_head_kv=8, head_dim=128)
 

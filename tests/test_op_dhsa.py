@@ -74,6 +74,35 @@ def test_op_matches_reference(shape, heads, d, budget, boundary, dtype):
         np.testing.assert_allclose(result.out, dense, atol=ATOL, rtol=RTOL, err_msg=f"seed {SEED}")
 
 
+# The shapes of the models beyond Gemma (Qwen2.5 0.5B: 14/2 heads, d 64; Llama: 32/8, d 128) on the
+# cache types the kernel reads directly. The reference runs on the values the cache holds (q8_0 and bf16
+# dequantised exactly as ggml does), so selection must still be identical and outputs as close as f16's.
+CACHE_CASES = [((n_q, n_kv), heads, d, kv_type)
+               for (n_q, n_kv), (heads, d) in zip([(7, 2053), (130, 3001), (1, 4099)], [((14, 2), 64), ((32, 8), 128),
+                                                                                        ((14, 2), 64)])
+               for kv_type in ("f16", "bf16", "q8_0")]
+
+
+@pytest.mark.parametrize("shape, heads, d, kv_type", CACHE_CASES,
+                         ids=[f"q{s[0]}-kv{s[1]}-h{h[0]}x{h[1]}-d{d}-{t}" for s, h, d, t in CACHE_CASES])
+def test_cache_types_match_reference_on_cached_values(shape, heads, d, kv_type):
+    from pydhsa.op import cache_values
+    rng = np.random.default_rng([SEED, *shape, *heads, d, len(kv_type)])
+    (n_q, n_kv), (n_head, n_head_kv) = shape, heads
+    Q, K, V = random_inputs(rng, n_q, n_kv, n_head, n_head_kv, d, np.float32)
+    cfg = DhsaConfig(budget=0.3, min_context=0)
+    q_pos0 = n_kv - n_q
+    result = run_attention(Q, K, V, "dhsa", cfg, n_threads=2, kv_type=kv_type)
+    Kc, Vc = cache_values(K, kv_type), cache_values(V, kv_type)
+    if kv_type != "f16":
+        assert np.abs(Kc - K).max() > 0  # the cache really rounds differently from f32
+    expected_ranges = R.engine_select_ranges(Q, Kc, reference_params(cfg), q_pos0)
+    assert result.sparse and result.ranges == expected_ranges, f"seed {SEED}"
+    expected = R.sparse_attention(Q.astype(np.float64), Kc.astype(np.float64), Vc.astype(np.float64), expected_ranges,
+                                  q_pos0, cfg.q_block, 1 / np.sqrt(d))
+    np.testing.assert_allclose(result.out, expected, atol=ATOL, rtol=RTOL, err_msg=f"seed {SEED}")
+
+
 def test_selection_does_not_depend_on_threads():
     rng = np.random.default_rng([SEED, 1])
     Q, K, V = random_inputs(rng, 200, 3000, 8, 2, 64, np.float16)
