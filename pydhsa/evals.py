@@ -20,6 +20,13 @@ prompt. Finished cases are appended (fsync'ed) to ``cases.jsonl`` in the output 
 on restart. Greedy generation stops early only once the score can no longer change (the first answer
 line is complete, or every expected value has appeared); ``--no-early-stop`` disables that.
 
+The model is ``-m FILE`` or ``--model-name NAME`` (an embedded model, ``pydhsa.models``), its KV cache
+``-ctk``/``-ctv`` (llama.cpp's type names). ``--chat`` wraps NIAH/RULER prompts in the model's chat template
+(``niah.as_chat``: the question is the user's turn, the answer prefix opens the assistant's); ``auto`` turns
+it on for instruct models (``chat_enabled``). Settings that change the arithmetic or the prompt (``-ngl``, the
+cache types, the chat template) are part of the model id in the case keys (``model_id``), so a resumed run
+never mixes cases of different settings; at their defaults the ids are as they always were.
+
 The model is reached through a *runner* (``ModelRunner``); tests substitute a fake one.
 """
 from __future__ import annotations
@@ -42,6 +49,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from . import niah
+from .models import DEFAULT_MODEL, is_chat_model, known_models
 
 __all__ = [
     "Method", "parse_methods", "DEFAULT_METHODS", "parse_lengths", "parse_depths",
@@ -49,7 +57,8 @@ __all__ = [
     "Progress", "run_grid", "grid_cases", "niah_specs", "needle_for", "ruler_specs", "ruler_sample",
     "RULER_TASKS", "RulerSample", "build_inserted_prompt", "score_all", "summarize", "write_summary",
     "plot_niah_heatmaps", "plot_ruler", "collect_meta", "run_niah", "run_ruler", "run_speed",
-    "summarize_speed", "plot_speed", "add_niah_arguments", "add_ruler_arguments", "add_speed_arguments",
+    "summarize_speed", "plot_speed", "model_id", "chat_enabled", "tokenize_prompt", "add_niah_arguments",
+    "add_ruler_arguments", "add_speed_arguments",
     "cmd_niah", "cmd_ruler", "cmd_speed", "main_niah", "main_ruler", "main_speed",
 ]
 
@@ -230,16 +239,71 @@ class Generation:
     density: Optional[float] = None  # DHSA computed/causal pairs over the layers that ran it
 
 
+def model_id(path: Union[str, os.PathLike], n_gpu_layers: int = 0, type_k: Optional[str] = None,
+             type_v: Optional[str] = None, chat: bool = False) -> str:
+    """The model part of a case key: file name and size, plus each setting that changes the cases when it is
+    not the default (offloaded layers compute in another backend's arithmetic, a quantised KV cache in other
+    numbers, a chat template on other prompts), so a resumed run never mixes them; default ids stay as they were.
+    A cache type of None is the engine's default."""
+    from .api import DEFAULT_CACHE_TYPE
+    type_k, type_v = type_k or DEFAULT_CACHE_TYPE, type_v or DEFAULT_CACHE_TYPE
+    path = Path(path)
+    ident = f"{path.name}:{path.stat().st_size}"
+    if n_gpu_layers:
+        ident += f":ngl={n_gpu_layers}"
+    if (type_k, type_v) != (DEFAULT_CACHE_TYPE, DEFAULT_CACHE_TYPE):
+        ident += f":ctk={type_k},ctv={type_v}"
+    return ident + (":chat" if chat else "")
+
+
+def chat_enabled(choice: str, model_name: Optional[str], path: Union[str, os.PathLike],
+                 meta: Callable[[str], Optional[str]]) -> bool:
+    """--chat: ``on``/``off`` as given; ``auto``: for an embedded model what the registry says (an instruct
+    model), for a file whether it has a chat template and its general.name or file name says instruct or
+    chat. ``meta`` reads a GGUF metadata key (None when absent)."""
+    has_template = meta("tokenizer.chat_template") is not None
+    if choice == "on" and not has_template:
+        raise ValueError(f"--chat on: {Path(path).name} has no chat template (tokenizer.chat_template)")
+    if choice != "auto":
+        return choice == "on"
+    if model_name:
+        return is_chat_model(model_name)
+    names = f"{meta('general.name') or ''} {Path(path).name}".lower()
+    return has_template and ("instruct" in names or "chat" in names)
+
+
+def tokenize_prompt(model, text: str, chat: bool) -> List[int]:
+    """The tokens of a completion-style prompt (with the model's BOS); with ``chat``, first wrapped by
+    niah.as_chat in the model's chat template, without a second BOS when the template writes one itself."""
+    if not chat:
+        return model.tokenize(text, add_special=True)
+    wrapped = niah.as_chat(text, model.chat_prompt)
+    with_special, plain = model.tokenize(wrapped, add_special=True), model.tokenize(wrapped, add_special=False)
+    doubled = len(with_special) == len(plain) + 1 and plain[:1] == with_special[:1]
+    return plain if doubled else with_special
+
+
 class ModelRunner:
-    """Runs greedy generation for a method on a loaded Model; one fresh session per call."""
+    """Runs greedy generation for a method on a loaded Model; one fresh session per call.
+
+    ``chat``: "on", "off" or "auto" (see chat_enabled; ``model_name`` is the registry name of an embedded
+    model); ``type_k``/``type_v``: the KV cache types of every session (None: the engine's default, f16).
+    With chat on, prompts are built ``chat_overhead`` tokens (what the template adds) below their target and
+    run as ``prompt_tokens`` gives them, so that the wrapped prompt has the target size."""
 
     def __init__(self, model_path: Union[str, os.PathLike], n_threads: Optional[int] = None, n_batch: int = 2048,
-                 n_ubatch: int = 512, overrides: Optional[Dict[str, Any]] = None, n_gpu_layers: int = 0):
-        from .api import Model, default_threads
+                 n_ubatch: int = 512, overrides: Optional[Dict[str, Any]] = None, n_gpu_layers: int = 0,
+                 type_k: Optional[str] = None, type_v: Optional[str] = None, chat: str = "off",
+                 model_name: Optional[str] = None):
+        from .api import DEFAULT_CACHE_TYPE, Model, default_threads
         self.model_path = Path(model_path)
         self.model = Model(self.model_path, n_gpu_layers=n_gpu_layers)
         self.n_threads = int(n_threads) if n_threads else default_threads()
         self.n_batch, self.n_ubatch, self.n_gpu_layers = n_batch, n_ubatch, n_gpu_layers
+        self.type_k, self.type_v = type_k or DEFAULT_CACHE_TYPE, type_v or DEFAULT_CACHE_TYPE
+        self.chat = chat_enabled(chat, model_name, self.model_path, self.model.meta)
+        probe = "Question: Who?\nAnswer: It is"
+        self.chat_overhead = len(self.prompt_tokens(probe)) - len(self.tokenize(probe)) if self.chat else 0
         self.overrides = dict(overrides or {})
         self.file_values = self.model.dhsa_file_values()
         self.n_ctx_train = self.model.info.n_ctx_train
@@ -247,13 +311,15 @@ class ModelRunner:
 
     @property
     def model_id(self) -> str:
-        # Offloaded layers compute in another backend's arithmetic, so their cases are not the CPU's: the
-        # suffix keeps a resumed run from mixing the two (CPU ids stay as they were).
-        gpu = f":ngl={self.n_gpu_layers}" if self.n_gpu_layers else ""
-        return f"{self.model_path.name}:{self.model_path.stat().st_size}{gpu}"
+        return model_id(self.model_path, self.n_gpu_layers, self.type_k, self.type_v, self.chat)
 
     def tokenize(self, text: str) -> List[int]:
+        """Tokens of a text as written (prompt sizes, needle depths)."""
         return self.model.tokenize(text, add_special=True)
+
+    def prompt_tokens(self, text: str) -> List[int]:
+        """Tokens of a whole prompt as the model runs it: in the chat template when chat is on."""
+        return tokenize_prompt(self.model, text, self.chat)
 
     def config(self, method: Method):
         if method not in self._configs:
@@ -266,7 +332,8 @@ class ModelRunner:
         n_ctx = len(tokens) + max_tokens + CTX_MARGIN
         t0 = time.perf_counter()
         with self.model.session(n_ctx=n_ctx, n_threads=self.n_threads, n_batch=self.n_batch,
-                                n_ubatch=self.n_ubatch, dhsa=cfg) as session:
+                                n_ubatch=self.n_ubatch, dhsa=cfg, type_k=self.type_k,
+                                type_v=self.type_v) as session:
             text, ttft = "", None
             gen = session.generate(list(tokens), max_tokens=max_tokens, temperature=0, seed=0)
             try:
@@ -293,7 +360,8 @@ class ModelRunner:
                 "description": info.description, "n_params": info.n_params, "n_layer": info.n_layer,
                 "n_ctx_train": info.n_ctx_train, "n_swa": info.n_swa, "dhsa_file_values": dict(self.file_values),
                 "threads": self.n_threads, "n_batch": self.n_batch, "n_ubatch": self.n_ubatch,
-                "n_gpu_layers": self.n_gpu_layers, "flash_attn": "auto"}
+                "n_gpu_layers": self.n_gpu_layers, "flash_attn": "auto", "type_k": self.type_k,
+                "type_v": self.type_v, "chat_template": self.chat}
 
     def close(self) -> None:
         self.model.close()
@@ -315,6 +383,11 @@ class _TokenMemo:
 
     def tokens(self, text: str) -> List[int]:
         return self.memo[text] if text in self.memo else self.tokenize_fn(text)
+
+
+def _run_tokens(runner, memo: _TokenMemo, text: str) -> List[int]:
+    """The tokens a built prompt runs as: those counted while building it, or its chat-wrapped ones."""
+    return runner.prompt_tokens(text) if runner.chat else memo.tokens(text)
 
 
 def _target_tokens(length: int, max_tokens: int, n_ctx_train: Optional[int]) -> int:
@@ -582,8 +655,8 @@ def niah_specs(lengths: Sequence[int], depths: Sequence[float], *, seed: int = 0
 
                 def build(runner, target=target, depth=depth, needle=needle) -> Prompt:
                     memo = _TokenMemo(runner.tokenize)
-                    p = niah.build_prompt(memo.count, target, depth, needle, haystack_dir)
-                    return Prompt(text=p.text, tokens=memo.tokens(p.text), expected=[p.expected],
+                    p = niah.build_prompt(memo.count, target - runner.chat_overhead, depth, needle, haystack_dir)
+                    return Prompt(text=p.text, tokens=_run_tokens(runner, memo, p.text), expected=[p.expected],
                                   scoring="first_line", max_tokens=max_tokens,
                                   info={"actual_depth": round(p.actual_depth, 4), "target_tokens": target,
                                         "question": needle.question})
@@ -759,12 +832,13 @@ def build_inserted_prompt(count_tokens: Callable[[str], int], target_tokens: int
 
 def ruler_sample(task: str, count_tokens: Callable[[str], int], target_tokens: int, seed: int = 0, sample: int = 0,
                  haystack_dir: Union[str, Path, None] = None, *, n_keys: int = 4, n_values: int = 4, n_hops: int = 4,
-                 n_chains: int = 1, tolerance: float = 0.01) -> RulerSample:
+                 n_chains: int = 1, tolerance: float = 0.01, reserve: int = 0) -> RulerSample:
     """One RULER-style sample; the same (task, target_tokens, seed, sample) always gives the same keys,
-    values, depths and text (for the same tokenizer)."""
+    values, depths and text (for the same tokenizer). The text is fitted to ``target_tokens - reserve``
+    (the room a chat template takes), with the same keys and values."""
     rng = random.Random(f"ruler:{task}:{target_tokens}:{seed}:{sample}")
     header, inserts, tail, expected, scoring = _ruler_task(task, rng, n_keys, n_values, n_hops, n_chains)
-    text, n_tok, order, calls = build_inserted_prompt(count_tokens, target_tokens, header, tail, inserts,
+    text, n_tok, order, calls = build_inserted_prompt(count_tokens, target_tokens - reserve, header, tail, inserts,
                                                       haystack_dir, tolerance=tolerance)
     return RulerSample(task=task, text=text, n_tokens=n_tok, expected=list(expected), inserts=order,
                        depths=[d for d, _ in inserts], scoring=scoring, max_tokens=RULER_MAX_TOKENS[task],
@@ -787,9 +861,11 @@ def ruler_specs(tasks: Sequence[str], lengths: Sequence[int], samples: int, *, s
             for s in range(samples):
                 def build(runner, task=task, target=target, s=s) -> Prompt:
                     memo = _TokenMemo(runner.tokenize)
-                    r = ruler_sample(task, memo.count, target, seed, s, haystack_dir, **task_args)
-                    return Prompt(text=r.text, tokens=memo.tokens(r.text), expected=r.expected, scoring=r.scoring,
-                                  max_tokens=r.max_tokens, info={"target_tokens": target, "inserts": r.inserts})
+                    r = ruler_sample(task, memo.count, target, seed, s, haystack_dir, reserve=runner.chat_overhead,
+                                     **task_args)
+                    return Prompt(text=r.text, tokens=_run_tokens(runner, memo, r.text), expected=r.expected,
+                                  scoring=r.scoring, max_tokens=r.max_tokens,
+                                  info={"target_tokens": target, "inserts": r.inserts})
 
                 specs.append(PromptSpec({"suite": "ruler", "task": task, "length": length, "sample": s, "seed": seed,
                                          "max_tokens": max_tokens, **task_args}, weight=float(target), build=build))
@@ -877,7 +953,9 @@ def summary_markdown(summary: Dict[str, Any], title: str, meta: Optional[Dict[st
     lengths = [str(L) for L in summary["lengths"]]
     lines = [f"# {title}", ""]
     if meta:
-        lines += [f"- model: `{meta.get('model', {}).get('file')}` ({meta.get('model', {}).get('description')})",
+        m = meta.get("model", {})
+        lines += [f"- model: `{m.get('file')}` ({m.get('description')}) | KV cache K {m.get('type_k')}, V "
+                  f"{m.get('type_v')} | chat template {'on' if m.get('chat_template') else 'off'}",
                   f"- machine: {meta.get('machine', {}).get('cpu')} | {meta.get('machine', {}).get('platform')} | "
                   f"threads {meta.get('model', {}).get('threads')}",
                   f"- pydhsa {meta.get('pydhsa_version')} | git {meta.get('git_commit') or 'n/a'} | "
@@ -1184,19 +1262,25 @@ def default_out_dir(suite: str, model_path: Union[str, Path]) -> Path:
     return base / "bench" / "results" / f"{suite}-{Path(model_path).stem}"
 
 
-def _resolve_model_path(model: Optional[str]) -> Path:
-    if model:
-        return Path(model)
-    from .default_model import default_model_path
-    return default_model_path()
+def _resolve_model(args) -> Tuple[Path, Optional[str]]:
+    """The checked model file of -m FILE / --model-name NAME (default: the embedded DEFAULT_MODEL) and the
+    registry name (None for a file). Also checks the -ctk/-ctv names, so that a bad one fails before loading."""
+    from .api import cache_type_id
+    from .gguf_info import check_model_path
+    from .models import model_path
+    if args.model and args.model_name:
+        raise ValueError("give either -m/--model FILE or --model-name NAME, not both")
+    cache_type_id(args.cache_type_k), cache_type_id(args.cache_type_v)
+    name = None if args.model else (args.model_name or DEFAULT_MODEL)
+    return check_model_path(Path(args.model) if args.model else model_path(name)), name
 
 
 def _open_runner(args):
-    from .gguf_info import check_model_path
-    path = check_model_path(_resolve_model_path(args.model))
+    path, name = _resolve_model(args)
     overrides = parse_overrides(args.dhsa_min_context, args.dhsa_opt)
     return ModelRunner(path, n_threads=args.threads, n_batch=args.batch_size, n_ubatch=args.ubatch_size,
-                       overrides=overrides, n_gpu_layers=args.n_gpu_layers)
+                       overrides=overrides, n_gpu_layers=args.n_gpu_layers, type_k=args.cache_type_k,
+                       type_v=args.cache_type_v, chat=args.chat, model_name=name)
 
 
 def _run_accuracy_suite(suite: str, args, make_specs: Callable[[Any], List[PromptSpec]], methods: List[Method],
@@ -1218,12 +1302,14 @@ def _run_accuracy_suite(suite: str, args, make_specs: Callable[[Any], List[Promp
                 counts = run_grid(make_specs(runner), methods, runner, store, overrides=runner.overrides,
                                   model_id=runner.model_id, early_stop=not args.no_early_stop, title=suite,
                                   progress=not args.quiet,
-                                  extra={"threads": runner.n_threads, "n_gpu_layers": runner.n_gpu_layers})
+                                  extra={"threads": runner.n_threads, "n_gpu_layers": runner.n_gpu_layers,
+                                         "type_k": runner.type_k, "type_v": runner.type_v,
+                                         "chat_template": runner.chat})
             except KeyboardInterrupt:
                 interrupted = True
                 print(f"\npydhsa: interrupted; finished cases are kept in {store.path}, rerun the same command "
                       f"to resume", file=sys.stderr)
-        records = store.records()
+        records = [r for r in store.records() if r.get("model") == runner.model_id]  # this model and settings
         summary = write_summary(out, records, meta, suite, plots=not args.no_plots)
         print(summary_markdown(summary, f"{suite}: {out}"), end="")
         print(f"pydhsa: {suite}: {counts['run']} cases run, {counts['skipped']} already done, "
@@ -1313,11 +1399,12 @@ def _ru_maxrss() -> Optional[int]:
 def speed_worker(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """One measured configuration (meant to run in a fresh process): load the model, build a haystack prompt of
     ``length`` tokens, prefill it and generate ``n_gen`` tokens greedily."""
-    from .api import Model
+    from .api import DEFAULT_CACHE_TYPE, Model
     t0 = time.perf_counter()
     model = Model(cfg["model_path"])
     t_load = (time.perf_counter() - t0) * 1e3
     rss_load = _rss_now()
+    cache = {"type_k": cfg.get("type_k", DEFAULT_CACHE_TYPE), "type_v": cfg.get("type_v", DEFAULT_CACHE_TYPE)}
     method = parse_methods(cfg["method"])[0]
     overrides = cfg.get("overrides") or {}
     dhsa = method.config(model.dhsa_file_values(), overrides)
@@ -1328,12 +1415,12 @@ def speed_worker(cfg: Dict[str, Any]) -> Dict[str, Any]:
     tokens = memo.tokens(p.text)
     memo.memo.clear()
     if cfg.get("warmup", True):  # thread pools, weight repacking, first-touch of the weights
-        with model.session(n_ctx=64, n_threads=cfg["threads"], dhsa=None) as s:
+        with model.session(n_ctx=64, n_threads=cfg["threads"], dhsa=None, **cache) as s:
             for _ in s.generate(tokens[:16], max_tokens=2, temperature=0, seed=0):
                 pass
     n_ctx = len(tokens) + n_gen + CTX_MARGIN
     with model.session(n_ctx=n_ctx, n_threads=cfg["threads"], n_batch=cfg.get("n_batch", 2048),
-                       n_ubatch=cfg.get("n_ubatch", 512), dhsa=dhsa) as s:
+                       n_ubatch=cfg.get("n_ubatch", 512), dhsa=dhsa, **cache) as s:
         t_start = time.perf_counter()
         gen = s.generate(tokens, max_tokens=n_gen, temperature=0, seed=0)
         t_first = None
@@ -1412,7 +1499,8 @@ def summarize_speed(runs: List[Dict[str, Any]], methods: Sequence[str], lengths:
 def speed_markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
     m = meta.get("model", {})
     lines = ["# Speed and memory: dense versus DHSA", "",
-             f"- model: `{m.get('file')}` | threads {meta.get('threads')} | repeats {meta.get('repeats')} "
+             f"- model: `{m.get('file')}` | KV cache K {meta.get('type_k')}, V {meta.get('type_v')} | threads "
+             f"{meta.get('threads')} | repeats {meta.get('repeats')} "
              f"(medians) | {meta.get('n_gen')} generated tokens",
              f"- machine: {meta.get('machine', {}).get('cpu')} | {meta.get('machine', {}).get('platform')}",
              f"- pydhsa {meta.get('pydhsa_version')} | git {meta.get('git_commit') or 'n/a'} | "
@@ -1474,7 +1562,6 @@ def run_speed(args, spawn: Callable[[Dict[str, Any]], Dict[str, Any]] = None) ->
     slow drifts of the machine hit all methods alike. Raw runs go to runs.jsonl as they finish
     (``--resume`` continues the latest run), medians and ratios to speed.json / speed.md / speed.png."""
     from .api import default_threads
-    from .gguf_info import check_model_path
     if args.quick:
         _apply_quick(args, lengths="1024,2048", methods="dense,dhsa:0.3", min_context=0)
         if args.repeats == getattr(args, "_defaults", {}).get("repeats"):
@@ -1489,12 +1576,13 @@ def run_speed(args, spawn: Callable[[Dict[str, Any]], Dict[str, Any]] = None) ->
     if args.repeats < 1 or args.n_gen < 1:
         raise ValueError("--repeats and --n-gen must be >= 1")
     overrides = parse_overrides(args.dhsa_min_context, args.dhsa_opt)
-    model_path = check_model_path(_resolve_model_path(args.model)).resolve()
+    model_path = _resolve_model(args)[0].resolve()
     threads = args.threads or default_threads()
     out = Path(args.out or default_out_dir("speed", model_path))
     out.mkdir(parents=True, exist_ok=True)
     store = niah.ResultStore(out / "runs.jsonl")
-    setup = {"model": f"{model_path.name}:{model_path.stat().st_size}", "threads": threads, "n_gen": args.n_gen,
+    setup = {"model": model_id(model_path, type_k=args.cache_type_k, type_v=args.cache_type_v),
+             "threads": threads, "n_gen": args.n_gen,
              "n_batch": args.batch_size, "n_ubatch": args.ubatch_size, "overrides": overrides,
              "warmup": not args.no_warmup}
     run_ids = [r["run_id"] for r in store.records() if r.get("setup") == json.loads(json.dumps(setup))]
@@ -1506,6 +1594,7 @@ def run_speed(args, spawn: Callable[[Dict[str, Any]], Dict[str, Any]] = None) ->
     meta = collect_meta(None, {"suite": "speed", "run_id": run_id, "threads": threads, "repeats": args.repeats,
                                "n_gen": args.n_gen, "n_batch": args.batch_size, "n_ubatch": args.ubatch_size,
                                "dhsa_overrides": overrides, "warmup": not args.no_warmup, "argv": sys.argv,
+                               "type_k": args.cache_type_k, "type_v": args.cache_type_v,
                                "model": _model_meta(model_path, threads)})
     bar = Progress(len(todo), sum(p[0] for p in todo), title="speed", enabled=not args.quiet)
     if todo != plan and not args.quiet:
@@ -1518,7 +1607,8 @@ def run_speed(args, spawn: Callable[[Dict[str, Any]], Dict[str, Any]] = None) ->
             bar.show(f"L={L} {mid} repeat {rep + 1}")
             cfg = {"model_path": str(model_path), "length": L, "method": m.label, "overrides": overrides,
                    "n_gen": args.n_gen, "threads": threads, "n_batch": args.batch_size, "n_ubatch": args.ubatch_size,
-                   "warmup": not args.no_warmup, "haystack_dir": args.haystack_dir}
+                   "warmup": not args.no_warmup, "haystack_dir": args.haystack_dir,
+                   "type_k": args.cache_type_k, "type_v": args.cache_type_v}
             ident = {"run_id": run_id, "length": L, "repeat": rep, "method": mid}
             rec = {**ident, "key": store.key_of(ident), "setup": setup}
             try:
@@ -1572,7 +1662,13 @@ def _model_meta(path: Path, threads: int) -> Dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 def _add_common(p: argparse.ArgumentParser, lengths: str, methods: str) -> None:
-    p.add_argument("-m", "--model", default=None, help="GGUF model (default: the embedded Gemma 3 270M)")
+    from .cli import add_cache_type_arguments
+    p.add_argument("-m", "--model", default=None, metavar="FILE",
+                   help=f"GGUF model file (default: the embedded model {DEFAULT_MODEL})")
+    p.add_argument("--model-name", choices=known_models(), default=None,
+                   help=f"an embedded model instead of -m, assembled once into the model cache "
+                        f"(default {DEFAULT_MODEL})")
+    add_cache_type_arguments(p)  # -ctk/-ctv; non-f16 cases are stored apart
     p.add_argument("--lengths", default=lengths, help=f"context lengths in tokens, comma separated, k = 1024 "
                                                       f"(default {lengths})")
     p.add_argument("--methods", default=methods, help="dense, dhsa:B (keysim) and fixed:B (block-sparse "
@@ -1597,6 +1693,10 @@ def _add_accuracy(p: argparse.ArgumentParser) -> None:
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, metavar="N",
                    help="layers offloaded to the GPU in a CUDA/Metal build (-1 = all; default 0 = CPU only); "
                         "such cases are stored apart from CPU ones")
+    p.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
+                   help="wrap prompts in the model's chat template, the answer prefix opening the assistant's turn "
+                        f"(default auto: on for {', '.join(n for n in known_models() if is_chat_model(n))} and for "
+                        "a GGUF with a template whose name says instruct or chat); stored apart")
     p.add_argument("--seed", type=int, default=0, help="seed of the needle rotation / task generator (default 0)")
     p.add_argument("--no-early-stop", action="store_true",
                    help="always generate max tokens (default: stop once the score can no longer change)")

@@ -35,6 +35,9 @@ class FakeRunner:
     n_ctx_train = None
     n_threads = 1
     n_gpu_layers = 0
+    type_k = type_v = "f16"
+    chat = False
+    chat_overhead = 0
     overrides: dict = {}
 
     def __init__(self, miss=(), fail_after=None, fail_with=KeyboardInterrupt, errors_on=()):
