@@ -238,11 +238,16 @@ def _report_routes(session) -> None:
     routes = session.dhsa_routes()
     if not routes:
         return
-    groups: dict = {}
-    for il, route in sorted(routes.items()):
-        groups.setdefault(route, []).append(il)
-    parts = [f"{route}: {_layer_list(layers)}" for route, layers in groups.items()]
+    parts = [f"{route}: {_layer_list(layers)}" for route, layers in _layers_by_route(sorted(routes.items())).items()]
     print(f"pydhsa: DHSA layers | {' | '.join(parts)}", file=sys.stderr)
+
+
+def _layers_by_route(pairs) -> dict:
+    """(layer, route) pairs -> {route: [layers]}, routes in order of first appearance."""
+    groups: dict = {}
+    for il, route in pairs:
+        groups.setdefault(route, []).append(il)
+    return groups
 
 
 def _layer_list(layers: list) -> str:
@@ -363,11 +368,8 @@ def _print_dhsa_plan(args, info) -> None:
     except PydhsaError as e:
         print(f"dhsa plan: unavailable (the engine cannot load this file: {e})")
         return
-    groups: dict = {}
-    for il, route in enumerate(plan):
-        groups.setdefault(route, []).append(il)
     print(f"dhsa plan (layers={layers}, K {args.cache_type_k}, V {args.cache_type_v}):")
-    for route, ils in groups.items():
+    for route, ils in _layers_by_route(enumerate(plan)).items():
         print(f"  {route}: {len(ils)} layers ({_layer_list(ils)})")
 
 

@@ -178,6 +178,18 @@ bool is_cache_type(int32_t type) {
     return std::any_of(std::begin(kCacheTypes), std::end(kCacheTypes), [type](ggml_type t) { return (int32_t) t == type; });
 }
 
+// The model's K or V head size ("key_length" / "value_length"): a hyperparameter of its own in Gemma
+// (256 for a 640-wide 270M), else n_embd / n_head (0 without heads).
+int32_t head_size(const llama_model * model, const char * which_length) {
+    char arch[64] = { 0 };
+    llama_model_meta_val_str(model, "general.architecture", arch, sizeof(arch));
+    const std::string key = std::string(arch) + ".attention." + which_length;
+    char buf[32];
+    return llama_model_meta_val_str(model, key.c_str(), buf, sizeof(buf)) > 0
+               ? atoi(buf)
+               : llama_model_n_head(model) > 0 ? llama_model_n_embd(model) / llama_model_n_head(model) : 0;
+}
+
 // A cache type the model can store: its rows hold whole quantisation blocks, and a quantised V cache is
 // read by flash attention only (llama.cpp refuses it otherwise, with a less direct message).
 int32_t check_cache_types(const llama_model * model, const pydhsa_session_params & p, pydhsa_error * err) {
@@ -186,13 +198,7 @@ int32_t check_cache_types(const llama_model * model, const pydhsa_session_params
             return set_error(err, PYDHSA_ERR_ARGUMENT, "%s cache type %d is not one of %s", which, type,
                              pydhsa_cache_type_names());
         }
-        char buf[32];
-        char arch[64] = { 0 };
-        llama_model_meta_val_str(model, "general.architecture", arch, sizeof(arch));
-        const std::string key = std::string(arch) + (which[0] == 'K' ? ".attention.key_length" : ".attention.value_length");
-        const int32_t head = llama_model_meta_val_str(model, key.c_str(), buf, sizeof(buf)) > 0
-                                 ? atoi(buf)
-                                 : llama_model_n_embd(model) / std::max(1, llama_model_n_head(model));
+        const int32_t head  = head_size(model, which[0] == 'K' ? "key_length" : "value_length");
         const int64_t block = ggml_blck_size((ggml_type) type);
         if (head % block != 0) {
             return set_error(err, PYDHSA_ERR_ARGUMENT,
@@ -360,7 +366,7 @@ int32_t pydhsa_model_get_info(const pydhsa_model * model, pydhsa_model_info * ou
     out->n_head      = llama_model_n_head(m);
     out->n_head_kv   = llama_model_n_head_kv(m);
     out->n_embd      = llama_model_n_embd(m);
-    out->head_dim    = out->n_head > 0 ? out->n_embd / out->n_head : 0;
+    out->head_dim    = head_size(m, "key_length");
     out->n_ctx_train = llama_model_n_ctx_train(m);
     out->n_swa       = llama_model_n_swa(m);
     const llama_vocab * vocab = llama_model_get_vocab(m);
@@ -368,12 +374,6 @@ int32_t pydhsa_model_get_info(const pydhsa_model * model, pydhsa_model_info * ou
     out->n_params    = llama_model_n_params(m);
     out->size_bytes  = llama_model_size(m);
     out->add_bos     = llama_vocab_get_add_bos(vocab);
-    // The head size is a hyperparameter of its own in Gemma (256 for a 640-wide 270M); prefer it.
-    char buf[32];
-    const std::string key = std::string(out->architecture) + ".attention.key_length";
-    if (llama_model_meta_val_str(m, key.c_str(), buf, sizeof(buf)) > 0) {
-        out->head_dim = atoi(buf);
-    }
     return ok(err);
 }
 
