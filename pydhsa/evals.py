@@ -1557,6 +1557,17 @@ def plot_speed(rows: List[Dict[str, Any]], path: Union[str, Path], title: str = 
     return path
 
 
+def _new_run_id(taken) -> str:
+    """A timestamp id no record in the store has yet: two runs started within one second (another cache type
+    right after the first) must not share an id, or the second would count the first one's cases as done."""
+    base = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+    run_id, n = base, 1
+    while run_id in taken:
+        n += 1
+        run_id = f"{base}-{n}"
+    return run_id
+
+
 def run_speed(args, spawn: Callable[[Dict[str, Any]], Dict[str, Any]] = None) -> int:
     """Every (length, repeat, method) in a fresh worker process; methods interleaved inside each repeat so
     slow drifts of the machine hit all methods alike. Raw runs go to runs.jsonl as they finish
@@ -1585,8 +1596,9 @@ def run_speed(args, spawn: Callable[[Dict[str, Any]], Dict[str, Any]] = None) ->
              "threads": threads, "n_gen": args.n_gen,
              "n_batch": args.batch_size, "n_ubatch": args.ubatch_size, "overrides": overrides,
              "warmup": not args.no_warmup}
-    run_ids = [r["run_id"] for r in store.records() if r.get("setup") == json.loads(json.dumps(setup))]
-    run_id = run_ids[-1] if args.resume and run_ids else datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+    records = store.records()
+    run_ids = [r["run_id"] for r in records if r.get("setup") == json.loads(json.dumps(setup))]
+    run_id = run_ids[-1] if args.resume and run_ids else _new_run_id({r.get("run_id") for r in records})
     mids = [m.method_id(overrides) for m in methods]
     plan = [(L, rep, m, mid) for L in lengths for rep in range(args.repeats) for m, mid in zip(methods, mids)]
     todo = [p for p in plan if not _record_done(store, {"run_id": run_id, "length": p[0], "repeat": p[1],

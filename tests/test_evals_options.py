@@ -257,3 +257,10 @@ def test_chat_runs_are_recorded_and_stored_apart(fake_model, tmp_path, suite):
     assert "<|im_start|>" not in FakeModel.prompts[-1] and "Answer: The" in FakeModel.prompts[-1]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_cases"] == 1 and summary["meta"]["model"]["chat_template"] is False  # this run's cases only
+
+
+def test_new_run_ids_never_reuse_one_in_the_store():
+    first = evals._new_run_id(set())
+    second = evals._new_run_id({first})
+    assert second != first and second.startswith(first[:8])
+    assert evals._new_run_id({first, second}) not in {first, second}
