@@ -25,6 +25,7 @@ import numpy as np
 
 from . import _native
 from .errors import PydhsaError, error_for
+from .dhsa_params import BOUNDARY_CHOICES, BOUNDARY_IMPLEMENTED
 
 MAX_THREADS = 1024
 DEFAULT_CACHE_TYPE = "f16"  # llama.cpp's default for -ctk/-ctv
@@ -97,11 +98,12 @@ class DhsaDensity:
 
 
 def _fill_dhsa_params(c, cfg) -> None:
-    if cfg.boundary not in ("keysim", "fixed"):
-        raise PydhsaError(f"DHSA boundary {cfg.boundary!r} is not implemented in the engine (use keysim or fixed)")
+    if cfg.boundary not in BOUNDARY_IMPLEMENTED:
+        raise PydhsaError(f"DHSA boundary {cfg.boundary!r} is not implemented in the engine "
+                          f"(use {' or '.join(BOUNDARY_IMPLEMENTED)})")
     c.enabled = True
     c.budget = float(cfg.budget)
-    c.boundary = 0 if cfg.boundary == "keysim" else 1
+    c.boundary = BOUNDARY_CHOICES.index(cfg.boundary)  # the table's choice index
     c.chunk_min, c.chunk_max, c.chunk_avg = cfg.chunk_min, cfg.chunk_max, cfg.chunk_avg
     c.q_block, c.sink_tokens, c.local_tokens = cfg.q_block, cfg.sink_tokens, cfg.local_tokens
     c.dense_tail, c.min_context = cfg.dense_tail, cfg.min_context

@@ -155,6 +155,29 @@ def cmd_convert(args) -> int:
     return run_convert(args)
 
 
+def _add_lib_path_parser(sub) -> None:
+    p = sub.add_parser(
+        "lib-path", help="print the folder of our libllama (for LLAMA_CPP_LIB_PATH)",
+        description="Print the folder holding this package's libllama and ggml libraries. Stock "
+                    "llama-cpp-python loads them instead of its own with "
+                    "LLAMA_CPP_LIB_PATH=$(pydhsa lib-path); a GGUF with DHSA keys (or PYDHSA_DHSA set) then "
+                    "runs DHSA there.")
+    p.set_defaults(handler=cmd_lib_path)
+
+
+def cmd_lib_path(args) -> int:
+    from ._native import lib_dir
+    directory = lib_dir()
+    if not (directory / ("llama.dll" if sys.platform == "win32" else "libllama" + _shared_suffix())).exists():
+        raise UsageError(f"no libllama in {directory}: is the package installed (pip install .)?")
+    print(directory)
+    return 0
+
+
+def _shared_suffix() -> str:
+    return ".dylib" if sys.platform == "darwin" else ".so"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pydhsa", description="Dynamic Hierarchical Sparse Attention for GGUF models.")
     from . import __version__
@@ -164,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_parser(sub)
     _add_info_parser(sub)
     _add_convert_parser(sub)
+    _add_lib_path_parser(sub)
     from .cli_eval import add_eval_parsers
     add_eval_parsers(sub)
     return parser

@@ -1,9 +1,11 @@
-"""The single definition of the DHSA parameters (see docs/DHSA.md, "Parameters").
+"""Python's view of the DHSA parameters, derived from the one definition in C.
 
-Every parameter has a name, a type, a built-in default, a validation rule, a help text,
-a GGUF key ``<arch>.dhsa.<name>`` and a CLI flag ``--dhsa-<name with - for _>``
-(``sink_tokens`` and ``local_tokens`` use the short flags ``--dhsa-sink`` / ``--dhsa-local``;
-the long spellings are accepted as aliases).
+The table lives in ``native/dhsa/dhsa-params.c`` (read here through ``pydhsa_dhsa_param_info``; the
+specification is native/dhsa/ALGORITHM.md, "Parameters"). Every parameter has a name, a type, a default,
+a range or choices and a help text there; from those this module derives the GGUF key
+``<arch>.dhsa.<name>``, the CLI flag ``--dhsa-<name with - for _>`` (``sink_tokens`` and ``local_tokens``
+use the short flags the table names, ``--dhsa-sink`` / ``--dhsa-local``, with the long spellings as
+aliases), ``DhsaConfig`` and the checks with messages that name the flag or key.
 
 Precedence: CLI overrides the GGUF file, the file overrides the built-in defaults.
 
@@ -42,14 +44,6 @@ __all__ = [
     "read_gguf_dhsa", "scan_gguf_kv", "GgufKv", "GgufKvSection",
 ]
 
-MAX_TOKENS = 1 << 20          # absurd token counts above this are rejected
-MAX_Q_BLOCK = 4096
-BOUNDARY_CHOICES = ("keysim", "fixed", "learned")
-BOUNDARY_IMPLEMENTED = ("keysim", "fixed")
-LAYERS_CHOICES = ("global", "all")
-DECODE_CHOICES = ("dense", "sparse")
-
-
 class DhsaParamError(ValueError):
     """Invalid DHSA parameter value. The message is one line naming the flag or GGUF key."""
 
@@ -75,8 +69,11 @@ _FLOAT_TYPES = {_T_FLOAT32, _T_FLOAT64}
 
 
 # --------------------------------------------------------------------------------------------
-# The table
+# The table (from C)
 # --------------------------------------------------------------------------------------------
+
+_KINDS = {0: "float", 1: "int", 2: "str"}  # pydhsa_param_info.kind
+
 
 @dataclass(frozen=True)
 class DhsaParam:
@@ -87,9 +84,10 @@ class DhsaParam:
     flag: str                      # primary CLI flag
     aliases: tuple[str, ...] = ()  # extra CLI spellings
     choices: tuple[str, ...] | None = None
-    lo: float | None = None        # inclusive lower bound (ints); exclusive for budget
+    lo: float | None = None        # inclusive lower bound (ints); exclusive for floats
     hi: float | None = None        # inclusive upper bound
     metavar: str | None = None
+    implemented: tuple[str, ...] | None = None  # choices that work (the rest are planned)
 
     @property
     def dest(self) -> str:
@@ -109,49 +107,50 @@ def _flag(name: str) -> str:
     return "--dhsa-" + name.replace("_", "-")
 
 
-def _int_param(name: str, default: int, help: str, lo: int = 0, hi: int = MAX_TOKENS,
-               flag: str | None = None, aliases: tuple[str, ...] = ()) -> DhsaParam:
-    return DhsaParam(name, "int", default, help, flag or _flag(name), aliases, None, lo, hi, "N")
+def _param_from_c(info) -> DhsaParam:
+    from ._native import ffi
+
+    def text(p):
+        return ffi.string(p).decode() if p != ffi.NULL else None
+
+    name, kind = text(info.name), _KINDS[info.kind]
+    long_flag, short_flag = _flag(name), text(info.cli_flag)
+    flag, aliases = (short_flag, (long_flag,)) if short_flag else (long_flag, ())
+    if kind == "str":
+        choices = tuple(text(info.choices).split(","))
+        return DhsaParam(name, kind, choices[int(info.default_value)], text(info.help), flag, aliases, choices,
+                         None, None, "{" + ",".join(choices) + "}", choices[:info.n_implemented])
+    if kind == "int":
+        return DhsaParam(name, kind, int(info.default_value), text(info.help), flag, aliases, None,
+                         int(info.lo), int(info.hi), "N")
+    return DhsaParam(name, kind, float(info.default_value), text(info.help), flag, aliases, None,
+                     float(info.lo), float(info.hi), "B" if name == "budget" else "X")
 
 
-MAX_CHUNK = 512  # DHSA_SEGMENT of the engine
+def _load_table() -> tuple[DhsaParam, ...]:
+    from ._native import ffi, load
+    lib = load()
+    info = ffi.new("pydhsa_param_info *")
+    params = []
+    for i in range(lib.pydhsa_dhsa_param_count()):
+        if lib.pydhsa_dhsa_param_info(i, info) != 0:
+            raise RuntimeError(f"libpydhsa has no DHSA parameter #{i}")
+        params.append(_param_from_c(info))
+    return tuple(params)
 
-PARAMS: tuple[DhsaParam, ...] = (
-    DhsaParam("budget", "float", 0.3,
-              "fraction of the causal keys each query block attends to, 0 < B <= 1 "
-              "(1 = dense)", _flag("budget"), (), None, 0.0, 1.0, "B"),
-    DhsaParam("boundary", "str", "keysim",
-              "key chunk boundary method: keysim (training-free key similarity), fixed "
-              "(every chunk_avg tokens), learned (not implemented yet)",
-              _flag("boundary"), (), BOUNDARY_CHOICES, None, None, "{" + ",".join(BOUNDARY_CHOICES) + "}"),
-    _int_param("chunk_min", 16, "minimum key chunk length in tokens (>= 1)", lo=1),
-    # The engine chunks keys in aligned segments of MAX_CHUNK cells (native/dhsa/ggml-dhsa.h).
-    _int_param("chunk_max", 128, f"maximum key chunk length in tokens (>= 2*chunk_min, <= {MAX_CHUNK})",
-               lo=1, hi=MAX_CHUNK),
-    _int_param("chunk_avg", 32, "target mean key chunk length in tokens "
-                                "(chunk_min <= chunk_avg <= chunk_max)", lo=1, hi=MAX_CHUNK),
-    _int_param("q_block", 64, f"query block size in tokens (1..{MAX_Q_BLOCK})", lo=1, hi=MAX_Q_BLOCK),
-    _int_param("sink_tokens", 128, "first keys always kept (attention sink)",
-               flag="--dhsa-sink", aliases=("--dhsa-sink-tokens",)),
-    _int_param("local_tokens", 128, "keys just before each query block always kept",
-               flag="--dhsa-local", aliases=("--dhsa-local-tokens",)),
-    _int_param("dense_tail", 64, "last prompt tokens that attend densely to all keys"),
-    _int_param("min_context", 2048, "contexts with fewer keys than this run dense"),
-    DhsaParam("layers", "str", "global",
-              "layers DHSA applies to: global (global-attention layers only) or all "
-              "(sliding-window layers too)", _flag("layers"), (), LAYERS_CHOICES, None, None,
-              "{" + ",".join(LAYERS_CHOICES) + "}"),
-    # Not in DHSA.md's list: its decode selects chunks ("sparse"). Dense is our default because sparse
-    # decode lost needles that dense decode finds (bench/results/niah-grid-270m-cuda-sparse-decode and
-    # niah-grid-270m-cpu-sparse-decode-partial; bench/README.md, full NIAH grid) while decode on a CPU
-    # ran no faster with it (bench/results/speed-16k-32k-v3: 0.97x).
-    DhsaParam("decode", "str", "dense",
-              "attention of generated tokens: dense (upstream flash attention) or sparse (chunk "
-              "selection within the budget, as DHSA.md's decode)", _flag("decode"), (), DECODE_CHOICES,
-              None, None, "{" + ",".join(DECODE_CHOICES) + "}"),
-)
+
+PARAMS: tuple[DhsaParam, ...] = _load_table()
 PARAM_NAMES: tuple[str, ...] = tuple(p.name for p in PARAMS)
 PARAMS_BY_NAME: dict[str, DhsaParam] = {p.name: p for p in PARAMS}
+
+# Facts of the table other modules name.
+BOUNDARY_CHOICES = PARAMS_BY_NAME["boundary"].choices
+BOUNDARY_IMPLEMENTED = PARAMS_BY_NAME["boundary"].implemented
+LAYERS_CHOICES = PARAMS_BY_NAME["layers"].choices
+DECODE_CHOICES = PARAMS_BY_NAME["decode"].choices
+MAX_TOKENS = PARAMS_BY_NAME["sink_tokens"].hi   # token counts above this are rejected as absurd
+MAX_Q_BLOCK = PARAMS_BY_NAME["q_block"].hi
+MAX_CHUNK = PARAMS_BY_NAME["chunk_max"].hi       # the engine's key segment (DHSA_SEGMENT)
 
 
 def gguf_prefix(arch: str) -> str:
@@ -210,8 +209,8 @@ def _check_field(name: str, value: Any, label: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)) and not _is_np_number(value):
             raise DhsaParamError(f"{label}: expected a number, got {_fmt(value)}")
         v = float(value)
-        if math.isnan(v) or not (0.0 < v <= 1.0):
-            raise DhsaParamError(f"{label}: must be > 0 and <= 1, got {_fmt(value)}")
+        if math.isnan(v) or not (p.lo < v <= p.hi):
+            raise DhsaParamError(f"{label}: must be > {p.lo:g} and <= {p.hi:g}, got {_fmt(value)}")
         if struct.unpack("<f", struct.pack("<f", v))[0] <= 0.0:
             raise DhsaParamError(f"{label}: {_fmt(value)} is too small to store (rounds to 0)")
         return v
@@ -237,10 +236,9 @@ def _check_field(name: str, value: Any, label: str) -> Any:
     if v not in p.choices:
         raise DhsaParamError(
             f"{label}: invalid value {_fmt(value)}, expected one of {', '.join(p.choices)}")
-    if name == "boundary" and v not in BOUNDARY_IMPLEMENTED:
+    if v not in p.implemented:
         raise DhsaParamError(
-            f"{label}: boundary method {v!r} is not implemented yet "
-            f"(use {' or '.join(BOUNDARY_IMPLEMENTED)})")
+            f"{label}: {name} {v!r} is not implemented yet (use {' or '.join(p.implemented)})")
     return v
 
 
@@ -297,21 +295,9 @@ def _check_cross(v: Mapping[str, Any], sources: Mapping[str, str] | None,
 # Config
 # --------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class DhsaConfig:
-    """All DHSA parameters, validated on construction."""
-    budget: float = 0.3
-    boundary: str = "keysim"
-    chunk_min: int = 16
-    chunk_max: int = 128
-    chunk_avg: int = 32
-    q_block: int = 64
-    sink_tokens: int = 128
-    local_tokens: int = 128
-    dense_tail: int = 64
-    min_context: int = 2048
-    layers: str = "global"
-    decode: str = "dense"
+class _DhsaConfigMethods:
+    """The behaviour of DhsaConfig; its fields (one per parameter, with the table's defaults) are made
+    from the table below, so that a parameter added in C appears here with no Python edit."""
 
     def __post_init__(self) -> None:
         norm = validate_values(self.as_dict())
@@ -330,9 +316,14 @@ class DhsaConfig:
         return dataclasses.replace(self, **changes)
 
 
-# the dataclass defaults and the table must agree
-assert {f.name: f.default for f in dataclasses.fields(DhsaConfig)} == {
-    p.name: p.default for p in PARAMS}, "DhsaConfig defaults out of sync with PARAMS"
+_PY_TYPES = {"float": float, "int": int, "str": str}
+
+#: All DHSA parameters, validated on construction: ``DhsaConfig(budget=0.2, boundary="fixed")``.
+DhsaConfig = dataclasses.make_dataclass(
+    "DhsaConfig", [(p.name, _PY_TYPES[p.kind], dataclasses.field(default=p.default)) for p in PARAMS],
+    bases=(_DhsaConfigMethods,), frozen=True)
+DhsaConfig.__module__ = __name__  # make_dataclass names the caller only from Python 3.12 on
+DhsaConfig.__doc__ = "All DHSA parameters (the table in native/dhsa/dhsa-params.c), validated on construction."
 
 
 class DhsaFileValues(dict):

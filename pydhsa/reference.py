@@ -34,19 +34,25 @@ Range = Tuple[int, int]
 RangeLists = List[List[List[Range]]]  # [block][kv head] -> sorted, disjoint [start, end) ranges
 
 
+def _default(name: str):
+    """The engine's default of a parameter (the table in native/dhsa/dhsa-params.c)."""
+    from .dhsa_params import PARAMS_BY_NAME
+    return PARAMS_BY_NAME[name].default
+
+
 @dataclass(frozen=True)
 class DhsaParams:
-    budget: float = 0.3          # fraction of the causal keys a query block keeps; >= 1 means dense
-    boundary: str = "keysim"     # 'keysim' (content-driven) or 'fixed' (every chunk_avg keys)
-    chunk_min: int = 16
-    chunk_max: int = 128
-    chunk_avg: int = 32
-    q_block: int = 64
-    sink_tokens: int = 128
-    local_tokens: int = 128
-    dense_tail: int = 64         # informational here: the graph turns it into dense_from
+    budget: float = _default("budget")          # fraction of the causal keys a query block keeps; >= 1 dense
+    boundary: str = _default("boundary")        # 'keysim' (content-driven) or 'fixed' (every chunk_avg keys)
+    chunk_min: int = _default("chunk_min")
+    chunk_max: int = _default("chunk_max")
+    chunk_avg: int = _default("chunk_avg")
+    q_block: int = _default("q_block")
+    sink_tokens: int = _default("sink_tokens")
+    local_tokens: int = _default("local_tokens")
+    dense_tail: int = _default("dense_tail")    # informational here: the graph turns it into dense_from
     dense_from: Optional[int] = None  # blocks with a query at pos >= dense_from are dense; None: never
-    window: int = 4              # keysim: keys on each side of a candidate cut
+    window: int = 4              # keysim: keys on each side of a candidate cut (the engine's constant)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@
 // the model runs.
 
 #include "pydhsa.h"
+#include "pydhsa-settings.h"
+#include "llama-dhsa.h"
 
 #include "ggml-cpu-dhsa.h"
 #include "ggml-cpu.h"
@@ -34,20 +36,10 @@ struct ggml_ctx_guard {
 };
 
 dhsa_runtime make_runtime(const pydhsa_dhsa_params & d, int32_t dense_from) {
-    dhsa_runtime rt{};
-    rt.budget       = d.budget;
-    rt.boundary     = d.boundary;
-    rt.chunk_min    = d.chunk_min;
-    rt.chunk_max    = d.chunk_max;
-    rt.chunk_avg    = d.chunk_avg;
-    rt.window       = 4;
-    rt.q_block      = d.q_block;
-    rt.sink_tokens  = d.sink_tokens;
-    rt.local_tokens = d.local_tokens;
-    rt.dense_tail   = d.dense_tail;
-    rt.min_context  = d.min_context;
-    rt.all_layers   = d.all_layers ? 1 : 0;
-    rt.dense_from   = dense_from;
+    dhsa_runtime rt;
+    const dhsa_settings s = pydhsa_settings_from_params(d);
+    llama_dhsa_runtime_init(&rt, &s);
+    rt.dense_from = dense_from;
     return rt;
 }
 
@@ -148,7 +140,13 @@ extern "C" int32_t pydhsa_op_attention(int32_t mode, const pydhsa_dhsa_params * 
     }
     const ggml_type type = (ggml_type) kv_type;
     const int64_t n_q_pad   = GGML_PAD(n_q, 64);
-    dhsa_runtime rt = make_runtime(dhsa ? *dhsa : pydhsa_dhsa_params{}, dense_from);
+    pydhsa_dhsa_params defaults;
+    if (dhsa == nullptr) {
+        dhsa_settings s;
+        dhsa_settings_default(&s);
+        defaults = pydhsa_params_from_settings(s, true);
+    }
+    dhsa_runtime rt = make_runtime(dhsa ? *dhsa : defaults, dense_from);
 
     // Tensors are created without data and allocated in one buffer of the chosen backend.
     ggml_init_params ip = { 64 * ggml_tensor_overhead() + 2 * ggml_graph_overhead(), nullptr, true };

@@ -6,6 +6,7 @@
 // architecture), and the log reaches stderr only in verbose mode.
 
 #include "pydhsa.h"
+#include "pydhsa-settings.h"
 
 #include "ggml-cpu-dhsa.h"
 #include "ggml-dhsa.h"
@@ -444,44 +445,41 @@ void pydhsa_session_default_params(pydhsa_session_params * params) {
     params->flash_attn = -1;
     params->type_k     = GGML_TYPE_F16;  // llama.cpp's default cache types
     params->type_v     = GGML_TYPE_F16;
-    pydhsa_dhsa_params & d = params->dhsa;
-    d.enabled      = false;
-    d.budget       = 0.3;  // DHSA.md defaults
-    d.boundary     = 0;
-    d.chunk_min    = 16;
-    d.chunk_max    = 128;
-    d.chunk_avg    = 32;
-    d.q_block      = 64;
-    d.sink_tokens  = 128;
-    d.local_tokens = 128;
-    d.dense_tail   = 64;
-    d.min_context  = 2048;
-    d.all_layers   = false;
-    d.sparse_decode = false;  // sparse decode lost needles dense decode finds (bench/README.md, full NIAH grid)
+    dhsa_settings defaults;
+    dhsa_settings_default(&defaults);  // the parameter table's defaults (dhsa-params.c)
+    params->dhsa = pydhsa_params_from_settings(defaults, false);
 }
 
 static int32_t check_dhsa_params(const pydhsa_dhsa_params & d, pydhsa_error * err) {
-    if (!(d.budget > 0.0 && d.budget <= 1.0)) {
-        return set_error(err, PYDHSA_ERR_ARGUMENT, "DHSA budget must be in (0, 1], got %g", d.budget);
-    }
-    if (d.boundary != 0 && d.boundary != 1) {
+    if (d.boundary < 0 || d.boundary > 1) {  // the struct holds keysim/fixed only (the table lists more)
         return set_error(err, PYDHSA_ERR_ARGUMENT, "DHSA boundary must be 0 (keysim) or 1 (fixed), got %d", d.boundary);
     }
-    if (!(1 <= d.chunk_min && d.chunk_min <= d.chunk_avg && d.chunk_avg <= d.chunk_max && d.chunk_max <= DHSA_SEGMENT &&
-          d.chunk_max >= 2 * d.chunk_min)) {
-        return set_error(err, PYDHSA_ERR_ARGUMENT,
-                         "DHSA chunk sizes need 1 <= min <= avg <= max <= %d and max >= 2*min, got %d/%d/%d",
-                         DHSA_SEGMENT, d.chunk_min, d.chunk_avg, d.chunk_max);
+    const dhsa_settings s = pydhsa_settings_from_params(d);
+    char why[256];
+    if (dhsa_settings_check(&s, why, sizeof(why)) != 0) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "DHSA %s", why);
     }
-    if (d.q_block < 1 || d.q_block > 4096) {
-        return set_error(err, PYDHSA_ERR_ARGUMENT, "DHSA q_block must be between 1 and 4096, got %d", d.q_block);
+    return PYDHSA_OK;
+}
+
+int32_t pydhsa_dhsa_param_count(void) {
+    return DHSA_PARAM_COUNT;
+}
+
+int32_t pydhsa_dhsa_param_info(int32_t index, pydhsa_param_info * out) {
+    if (index < 0 || index >= DHSA_PARAM_COUNT || out == nullptr) {
+        return PYDHSA_ERR_ARGUMENT;
     }
-    const int32_t counts[] = { d.sink_tokens, d.local_tokens, d.dense_tail, d.min_context };
-    for (int32_t c : counts) {
-        if (c < 0 || c > (1 << 24)) {
-            return set_error(err, PYDHSA_ERR_ARGUMENT, "DHSA token counts must be between 0 and %d, got %d", 1 << 24, c);
-        }
-    }
+    const dhsa_param_def & p = dhsa_param_table()[index];
+    out->name          = p.name;
+    out->kind          = p.kind;
+    out->default_value = p.def;
+    out->lo            = p.lo;
+    out->hi            = p.hi;
+    out->choices       = p.choices;
+    out->n_implemented = p.n_implemented;
+    out->cli_flag      = p.cli_flag;
+    out->help          = p.help;
     return PYDHSA_OK;
 }
 
@@ -549,8 +547,11 @@ int32_t pydhsa_session_create(pydhsa_model * model, const pydhsa_session_params 
 
     llama_context * ctx = nullptr;
     try {
+        llama_dhsa_use_model_keys(false);  // these params say all about DHSA (see below)
         ctx = llama_init_from_model(model->model, cparams);
+        llama_dhsa_use_model_keys(true);
     } catch (const std::exception & e) {
+        llama_dhsa_use_model_keys(true);
         return set_error(err, PYDHSA_ERR_CONTEXT, "failed to create the context: %s", e.what());
     }
     if (!ctx) {
@@ -564,25 +565,14 @@ int32_t pydhsa_session_create(pydhsa_model * model, const pydhsa_session_params 
     s->n_ctx    = (int32_t) llama_n_ctx(ctx);
     s->n_batch  = (int32_t) llama_n_batch(ctx);
     if (params->dhsa.enabled) {
-        const pydhsa_dhsa_params & d = params->dhsa;
-        s->dhsa               = new dhsa_runtime{};
-        s->dhsa->budget       = d.budget;
-        s->dhsa->boundary     = d.boundary;
-        s->dhsa->chunk_min    = d.chunk_min;
-        s->dhsa->chunk_max    = d.chunk_max;
-        s->dhsa->chunk_avg    = d.chunk_avg;
-        s->dhsa->window       = 4;  // DHSA.md's keysim window
-        s->dhsa->q_block      = d.q_block;
-        s->dhsa->sink_tokens  = d.sink_tokens;
-        s->dhsa->local_tokens = d.local_tokens;
-        s->dhsa->dense_tail   = d.dense_tail;
-        s->dhsa->min_context  = d.min_context;
-        s->dhsa->all_layers   = d.all_layers ? 1 : 0;
-        s->dhsa->dense_from   = INT32_MAX;
-        s->dhsa->upstream_graphs = 0;
-        s->sparse_decode      = d.sparse_decode;
-        llama_dhsa_attach(ctx, s->dhsa);
+        const dhsa_settings settings = pydhsa_settings_from_params(params->dhsa);
+        s->dhsa = new dhsa_runtime;
+        llama_dhsa_runtime_init(s->dhsa, &settings);
+        s->sparse_decode = params->dhsa.sparse_decode;
     }
+    // Always: explicit settings (or none, for a dense session) replace what libllama made from the model's
+    // keys or PYDHSA_DHSA.
+    llama_dhsa_attach(ctx, s->dhsa);
     *out        = s;
     return ok(err);
 }

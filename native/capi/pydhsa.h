@@ -64,8 +64,9 @@ typedef struct {
     bool add_bos;
 } pydhsa_model_info;
 
-/* DHSA settings of a session (docs: native/dhsa/ALGORITHM.md). enabled = false runs upstream's dense
- * flash attention, bit for bit. */
+/* DHSA settings of a session (docs: native/dhsa/ALGORITHM.md; ranges and defaults: pydhsa_dhsa_param_info).
+ * enabled = false runs upstream's dense attention, bit for bit, whatever the model's DHSA keys or the
+ * PYDHSA_DHSA variable say (settings given here always win). */
 typedef struct {
     bool enabled;
     double budget;        /* 0 < budget <= 1; 1 = dense through the DHSA kernel */
@@ -82,6 +83,23 @@ typedef struct {
     bool sparse_decode;   /* false (default): generated tokens attend densely through upstream flash attention;
                            * true: they select chunks like any query (DHSA.md "Prefill versus decode") */
 } pydhsa_dhsa_params;
+
+/* The DHSA parameter table, the one definition of every parameter (native/dhsa/dhsa-params.h), from
+ * which the Python package derives DhsaConfig, the --dhsa-* flags and the GGUF keys <arch>.dhsa.<name>.
+ * The strings are static. */
+typedef struct {
+    const char * name;
+    int32_t kind;            /* 0 float (lo < v <= hi), 1 int (lo <= v <= hi), 2 choice (an index) */
+    double default_value;    /* the default (a choice: its index) */
+    double lo, hi;
+    const char * choices;    /* kind 2: the names, comma-separated, in index order; else NULL */
+    int32_t n_implemented;   /* kind 2: the first n choices work */
+    const char * cli_flag;   /* a short CLI flag used instead of --dhsa-<name>, or NULL */
+    const char * help;
+} pydhsa_param_info;
+
+PYDHSA_API int32_t pydhsa_dhsa_param_count(void);
+PYDHSA_API int32_t pydhsa_dhsa_param_info(int32_t index, pydhsa_param_info * out);
 
 typedef struct {
     int32_t n_ctx;      /* context length in tokens; 0 = the model's training context */

@@ -49,6 +49,9 @@ struct dhsa_runtime {
     // set by the caller: graphs built while this is non-zero keep upstream flash attention (dense decode);
     // read when a graph is built, unlike dense_from, so a reused graph may still hold the DHSA ops
     int32_t upstream_graphs;
+    // decode=sparse (1) or dense (0): read by whoever sets dense_from and upstream_graphs per call (our C
+    // API, or llama-dhsa-auto.cpp for contexts made through plain llama.h), never by the kernels
+    int32_t sparse_decode;
     // statistics, accumulated by the attention kernel (atomically): computed and causal query-key pairs
     int64_t pairs_computed[DHSA_MAX_LAYERS];
     int64_t pairs_causal[DHSA_MAX_LAYERS];

@@ -2,8 +2,10 @@
 // llama-dhsa.h, llama-dhsa-graph.h).
 #include "llama-dhsa.h"
 
+#include "dhsa-params.h"
 #include "ggml-dhsa.h"
 #include "llama-context.h"
+#include "llama-dhsa-auto.h"
 #include "llama-dhsa-graph.h"
 #include "llama-graph.h"
 #include "llama-model.h"
@@ -75,10 +77,54 @@ dhsa_layer_route graph_route(const llm_graph_context & g, const dhsa_runtime & r
 
 }  // namespace
 
-void llama_dhsa_attach(llama_context * ctx, dhsa_runtime * rt) {
+void llama_dhsa_set_cparams(llama_context * ctx, dhsa_runtime * rt) {
     // cparams has no public setter; the context object itself is not const, so writing through the
     // const reference is well defined.
     const_cast<llama_cparams &>(ctx->get_cparams()).dhsa = rt;
+}
+
+void llama_dhsa_attach(llama_context * ctx, dhsa_runtime * rt) {
+    llama_dhsa_set_cparams(ctx, rt);
+    llama_dhsa_forget(ctx);  // a runtime made from the model's keys, now unused
+}
+
+const dhsa_runtime * llama_dhsa_get(const llama_context * ctx) {
+    return ctx == nullptr ? nullptr : ctx->get_cparams().dhsa;
+}
+
+bool llama_dhsa_pairs(const llama_context * ctx, int64_t * computed, int64_t * causal) {
+    const dhsa_runtime * rt = llama_dhsa_get(ctx);
+    int64_t sum_computed = 0, sum_causal = 0;
+    for (int il = 0; rt != nullptr && il < DHSA_MAX_LAYERS; il++) {
+        sum_computed += __atomic_load_n(&rt->pairs_computed[il], __ATOMIC_RELAXED);
+        sum_causal   += __atomic_load_n(&rt->pairs_causal[il], __ATOMIC_RELAXED);
+    }
+    if (computed != nullptr) {
+        *computed = sum_computed;
+    }
+    if (causal != nullptr) {
+        *causal = sum_causal;
+    }
+    return rt != nullptr;
+}
+
+void llama_dhsa_runtime_init(dhsa_runtime * rt, const dhsa_settings * s) {
+    *rt              = dhsa_runtime{};
+    rt->budget       = s->v[DHSA_PARAM_BUDGET];
+    rt->boundary     = (int32_t) s->v[DHSA_PARAM_BOUNDARY];
+    rt->chunk_min    = (int32_t) s->v[DHSA_PARAM_CHUNK_MIN];
+    rt->chunk_max    = (int32_t) s->v[DHSA_PARAM_CHUNK_MAX];
+    rt->chunk_avg    = (int32_t) s->v[DHSA_PARAM_CHUNK_AVG];
+    rt->window       = 4;  // the keysim smoothing window (ALGORITHM.md), not a parameter
+    rt->q_block      = (int32_t) s->v[DHSA_PARAM_Q_BLOCK];
+    rt->sink_tokens  = (int32_t) s->v[DHSA_PARAM_SINK_TOKENS];
+    rt->local_tokens = (int32_t) s->v[DHSA_PARAM_LOCAL_TOKENS];
+    rt->dense_tail   = (int32_t) s->v[DHSA_PARAM_DENSE_TAIL];
+    rt->min_context  = (int32_t) s->v[DHSA_PARAM_MIN_CONTEXT];
+    rt->all_layers   = s->v[DHSA_PARAM_LAYERS] == 1 ? 1 : 0;  // "global,all"
+    rt->sparse_decode = s->v[DHSA_PARAM_DECODE] == 1 ? 1 : 0;  // "dense,sparse"
+    rt->dense_from   = INT32_MAX;
+    rt->upstream_graphs = 0;
 }
 
 int32_t llama_dhsa_layer_route(const llama_model * model, int32_t il, bool all_layers, int32_t type_k,

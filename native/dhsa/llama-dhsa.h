@@ -14,8 +14,29 @@ extern "C" {
 #endif
 
 struct dhsa_runtime;
+struct dhsa_settings;
 
+// Replaces whatever DHSA settings the context had, including a runtime libllama made for it from the
+// model's keys or PYDHSA_DHSA (llama-dhsa-auto.h): explicit settings win.
 LLAMA_API void llama_dhsa_attach(struct llama_context * ctx, struct dhsa_runtime * rt);
+
+// Whether contexts this thread creates from now on take DHSA settings from the model's keys and
+// PYDHSA_DHSA (default true). Our C API turns it off around llama_init_from_model, so that a dense session
+// stays upstream's dense path (flash attention as asked) and no "DHSA on" line is logged for it.
+LLAMA_API void llama_dhsa_use_model_keys(bool use);
+
+// A runtime's parameters from checked settings (dhsa_settings_check); per-call fields start at "no dense
+// tail, DHSA graphs", statistics and caches empty. The one place a table value becomes a runtime field.
+LLAMA_API void llama_dhsa_runtime_init(struct dhsa_runtime * rt, const struct dhsa_settings * s);
+
+// The DHSA settings the context runs with, or NULL when DHSA is off for it (not owned by the caller; valid
+// until the context is freed or llama_dhsa_attach replaces them). Its pairs_computed / pairs_causal say
+// how dense attention was, per layer.
+LLAMA_API const struct dhsa_runtime * llama_dhsa_get(const struct llama_context * ctx);
+// The same counters summed over the layers (for bindings that do not know struct dhsa_runtime, such as
+// ctypes): true when DHSA is on for the context; computed / causal query-key pairs so far (either may be
+// NULL). computed / causal is the density of the layers that ran the DHSA kernel.
+LLAMA_API bool llama_dhsa_pairs(const struct llama_context * ctx, int64_t * computed, int64_t * causal);
 
 // The route (enum dhsa_layer_route, ggml-dhsa.h) layer il of `model` takes under DHSA with these
 // settings and K/V cache types (ggml_type values), decided from the hyperparameters and weights alone;
