@@ -37,8 +37,14 @@ TREE_PREFIX = f"llama_cpp_python-{UPSTREAM_VERSION}/vendor/llama.cpp/"
 # What the build compiles (ggml, libllama, and the common/tools needed for the upstream
 # `llama-completion` comparison). Models, docs, tests and CI files stay out of the cache.
 TREE_KEEP = ("CMakeLists.txt", "LICENSE", "cmake/", "include/", "src/", "ggml/", "common/",
-             "vendor/", "tools/", "licenses/")
+             "vendor/", "tools/", "licenses/",
+             "scripts/ui-assets.cmake")  # llama-server's build (the PYDHSA_BUILD_TOOLS option) runs it
 COMPLETE_STAMP = ".pydhsa-upstream-complete"
+
+
+def _stamp_text() -> str:
+    """What a complete tree was unpacked from and with: a different sdist or TREE_KEEP unpacks it again."""
+    return f"{UPSTREAM_SDIST} {UPSTREAM_SHA256} {','.join(TREE_KEEP)}\n"
 
 
 def default_cache_dir() -> Path:
@@ -94,7 +100,7 @@ def unpack_tree(sdist: Path, tree: Path) -> None:
                 member.name = rel
                 members.append(member)
             tar.extractall(tmp, members=members, filter="data")
-        (tmp / COMPLETE_STAMP).write_text(f"{UPSTREAM_SDIST} {UPSTREAM_SHA256}\n")
+        (tmp / COMPLETE_STAMP).write_text(_stamp_text())
         if tree.exists():
             shutil.rmtree(tree)
         os.replace(tmp, tree)
@@ -107,7 +113,7 @@ def ensure_tree(cache_dir: Path, sdist_arg: str | None) -> Path:
     upstream_dir = cache_dir / "upstream"
     tree = upstream_dir / f"llama.cpp-{UPSTREAM_VERSION}"
     stamp = tree / COMPLETE_STAMP
-    if stamp.exists() and UPSTREAM_SHA256 in stamp.read_text():
+    if stamp.exists() and stamp.read_text() == _stamp_text():
         return tree
     upstream_dir.mkdir(parents=True, exist_ok=True)
     sdist = Path(sdist_arg) if sdist_arg else upstream_dir / UPSTREAM_SDIST

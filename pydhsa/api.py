@@ -19,7 +19,7 @@ import random
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -293,11 +293,55 @@ class Session:
     def n_past(self) -> int:
         return self.timings().n_past
 
-    def prefill(self, tokens: Sequence[int]) -> None:
+    def prefill(self, tokens: Sequence[int], progress: Optional[Callable[[int, int], None]] = None) -> None:
+        """Evaluate `tokens` after what the context holds. `progress(done, total)` is called after each batch
+        (from another thread). The C call runs in a worker thread so that Ctrl-C (KeyboardInterrupt) stops
+        it within a graph node's compute; the session is then reset (its context emptied) and the
+        KeyboardInterrupt propagates."""
         ffi = _native.ffi
         arr = ffi.new("int32_t[]", list(tokens))
         err = ffi.new("pydhsa_error *")
-        _check(self._lib, self._lib.pydhsa_prefill(self._handle(), arr, len(tokens), err), err)
+        failure: list = []
+
+        @ffi.callback("int32_t(void *, int32_t, int32_t)")
+        def on_progress(_user, done, total):
+            try:
+                if progress is not None:
+                    progress(int(done), int(total))
+            except BaseException as e:  # never raise across the C boundary
+                failure.append(e)
+                return 1
+            return 0
+
+        status: list = []
+
+        def worker():
+            try:
+                status.append(self._lib.pydhsa_prefill_progress(self._handle(), arr, len(tokens), on_progress,
+                                                                ffi.NULL, err))
+            except BaseException as e:  # reported in the calling thread
+                failure.append(e)
+
+        thread = threading.Thread(target=worker, name="pydhsa-prefill", daemon=True)
+        thread.start()
+        try:
+            while thread.is_alive():
+                thread.join(0.05)
+        except KeyboardInterrupt:
+            self.cancel()
+            thread.join()
+            self.reset()
+            raise
+        if failure:
+            self.reset()
+            raise failure[0]
+        _check(self._lib, status[0], err)
+
+    def cancel(self) -> None:
+        """Ask the prefill or generation running in another thread to stop (thread-safe): it raises
+        PydhsaError with code 10 (cancelled) within a graph node's compute; reset() before reusing the
+        session. A request made while nothing runs stops the next call."""
+        self._lib.pydhsa_session_cancel(self._handle())
 
     def reset(self) -> None:
         err = _native.ffi.new("pydhsa_error *")
@@ -314,18 +358,19 @@ class Session:
 
     def generate(self, prompt: Optional[str | Sequence[int]] = None, max_tokens: int = 128, temperature: float = 0.8,
                  seed: Optional[int] = None, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
-                 repeat_penalty: float = 1.0, repeat_last_n: int = 64) -> Iterator[str]:
+                 repeat_penalty: float = 1.0, repeat_last_n: int = 64,
+                 progress: Optional[Callable[[int, int], None]] = None) -> Iterator[str]:
         """Yield the text of each generated token as it is produced.
 
         `prompt` (text or token ids) is prefilled first; text gets the model's BOS when the context is
         empty. max_tokens < 0 means until an end-of-generation token or a full context. temperature <= 0
         is greedy decoding; `seed` makes sampling repeatable (default: random). The other settings are
         llama.cpp's samplers with its defaults (top_k <= 0, top_p 1, min_p 0, repeat_penalty 1: off;
-        repeat_last_n -1: the whole context).
+        repeat_last_n -1: the whole context). `progress` is prefill's (see prefill).
         """
         if prompt is not None:
             tokens = self.model.tokenize(prompt, add_special=self.n_past == 0) if isinstance(prompt, str) else prompt
-            self.prefill(tokens)
+            self.prefill(tokens, progress)
         if max_tokens < 0:
             max_tokens = self.n_ctx
         if seed is None:

@@ -12,7 +12,9 @@ Flag names follow llama.cpp. Usage and input errors print one line and exit with
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -118,6 +120,9 @@ def _add_run_parser(sub) -> None:
     p.add_argument("-v", "--verbose", action="store_true",
                    help="report the DHSA settings and the attention density actually used")
     p.add_argument("--engine-log", action="store_true", help="show llama.cpp's own log on stderr")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="prefill progress on stderr (tokens done, tok/s, ETA); default: on a terminal, for "
+                        "prompts longer than one batch")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--dense", action="store_true",
                       help="dense attention (upstream flash attention), ignoring any DHSA keys in the file")
@@ -178,6 +183,33 @@ def _shared_suffix() -> str:
     return ".dylib" if sys.platform == "darwin" else ".so"
 
 
+# llama.cpp's programs, built into the package with the PYDHSA_BUILD_TOOLS option: `pydhsa <command> ARGS`
+# runs the program with ARGS unchanged, on our libllama (so a GGUF with DHSA keys, or PYDHSA_DHSA, runs DHSA).
+TOOL_COMMANDS = {"server": "llama-server", "cli": "llama-cli", "llama-bench": "llama-bench"}
+TOOLS_INSTALL_HINT = 'CMAKE_ARGS="-DPYDHSA_BUILD_TOOLS=ON" pip install .'
+
+
+def _add_tool_parsers(sub) -> None:
+    for command, program in TOOL_COMMANDS.items():
+        sub.add_parser(command, add_help=False, help=f"run llama.cpp's {program} from the fork (arguments pass "
+                       f"straight through; needs {TOOLS_INSTALL_HINT})")
+
+
+def run_tool(command: str, argv: Sequence[str]) -> int:
+    """Replace this process with the fork's build of a llama.cpp program (never returns on success)."""
+    from ._native import lib_dir
+    program = lib_dir() / (TOOL_COMMANDS[command] + (".exe" if sys.platform == "win32" else ""))
+    if not program.exists():
+        raise UsageError(f"{program.name} is not installed: pydhsa was built without llama.cpp's programs; "
+                         f"reinstall with {TOOLS_INSTALL_HINT}")
+    sys.stdout.flush()
+    if sys.platform == "win32":
+        import subprocess
+        return subprocess.call([str(program), *argv])
+    os.execv(str(program), [str(program), *argv])
+    raise AssertionError("unreachable")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pydhsa", description="Dynamic Hierarchical Sparse Attention for GGUF models.")
     from . import __version__
@@ -188,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info_parser(sub)
     _add_convert_parser(sub)
     _add_lib_path_parser(sub)
+    _add_tool_parsers(sub)
     from .cli_eval import add_eval_parsers
     add_eval_parsers(sub)
     return parser
@@ -302,6 +335,32 @@ def _report_density(session, n_gpu_layers: int = 0) -> None:
           file=sys.stderr)
 
 
+class PrefillProgress:
+    """`prefill 8192/16384 tokens (50%) | 1520 tok/s | ETA 5 s` on one line of stderr (a line per update
+    when stderr is not a terminal); called by Session.prefill after each batch."""
+
+    def __init__(self, stream, clock=time.monotonic):
+        self.stream, self.clock, self.start = stream, clock, clock()
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.shown = False
+
+    def __call__(self, done: int, total: int) -> None:
+        elapsed = max(self.clock() - self.start, 1e-9)
+        rate = done / elapsed
+        eta = (total - done) / rate if rate > 0 else 0.0
+        line = f"pydhsa: prefill {done}/{total} tokens ({done / total:.0%}) | {rate:.0f} tok/s | ETA {eta:.0f} s"
+        self.stream.write(("\r" + line + "\x1b[K") if self.tty else line + "\n")
+        self.stream.flush()
+        self.shown = True
+
+    def finish(self) -> None:
+        """Ends the line before generated text or timings follow; returns None (no more updates)."""
+        if self.shown and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+        return None
+
+
 def cmd_run(args) -> int:
     from .api import Model
     from .gguf_info import check_model_path
@@ -323,11 +382,18 @@ def cmd_run(args) -> int:
                 raise UsageError(f"the prompt is {len(tokens)} tokens but the context holds {session.n_ctx}; "
                                  f"raise -c (the model allows up to {model.info.n_ctx_train})")
             seed = None if args.seed == -1 else args.seed
+            show = args.progress if args.progress is not None else sys.stderr.isatty() and len(tokens) > args.batch_size
+            progress = PrefillProgress(sys.stderr) if show else None
             for piece in session.generate(tokens, max_tokens=args.n_predict, temperature=args.temp, seed=seed,
                                           top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                                          repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n):
+                                          repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
+                                          progress=progress):
+                if progress is not None:
+                    progress = progress.finish()
                 sys.stdout.write(piece)
                 sys.stdout.flush()
+            if progress is not None:
+                progress.finish()
             sys.stdout.write("\n")
             sys.stdout.flush()
             t = session.timings()
@@ -398,6 +464,13 @@ def _print_dhsa_plan(args, info) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in TOOL_COMMANDS:  # before argparse: every argument is the program's
+            return run_tool(argv[0], argv[1:])
+    except UsageError as e:
+        print(f"pydhsa: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -567,6 +567,12 @@ def _read_value(c: _Cursor, vtype: int, decode_arrays: bool, depth: int, key: st
 def scan_gguf_kv(buf, decode_arrays: bool = False) -> GgufKvSection:
     """Parse the header and KV section of GGUF bytes (bytes, memoryview or mmap).
 
+    The one GGUF header reader of the package (``read_gguf_dhsa``, ``pydhsa info`` through
+    ``convert.gguf_dhsa.inspect_gguf``, the key-copying converter). Why not ``gguf.GGUFReader``: it builds
+    numpy views for every array element, and on the embedded Gemma 3 270M GGUF (a 262,144-entry
+    vocabulary) it took 16.5 s where this scan takes 0.06 s; and the converter needs each record's byte
+    range to copy the other keys byte for byte. ``gguf`` still writes our files and names the types.
+
     Fast (no per-element objects for arrays unless ``decode_arrays``). Raises GgufFormatError
     on a file that is not GGUF, of an unsupported version, truncated or corrupt.
     """

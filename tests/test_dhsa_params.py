@@ -322,3 +322,41 @@ def test_float32_round_trip_values():
         f32 = struct.unpack("<f", struct.pack("<f", v))[0]
         assert dp.coerce_gguf_value("budget", 6, f32, "x") == v
     assert math.isclose(dp.coerce_gguf_value("budget", 12, 0.3, "x"), 0.3)
+
+
+def test_python_view_is_the_c_table():
+    """Every Python fact about a parameter comes from native/dhsa/dhsa-params.c, read through the C API."""
+    from pydhsa._native import ffi, load
+    lib = load()
+    info = ffi.new("pydhsa_param_info *")
+    assert lib.pydhsa_dhsa_param_count() == len(dp.PARAMS)
+    for i, p in enumerate(dp.PARAMS):
+        assert lib.pydhsa_dhsa_param_info(i, info) == 0
+        assert ffi.string(info.name).decode() == p.name and ffi.string(info.help).decode() == p.help
+        if p.kind == "str":
+            choices = ffi.string(info.choices).decode().split(",")
+            assert (list(p.choices), p.default) == (choices, choices[int(info.default_value)])
+            assert list(p.implemented) == choices[:info.n_implemented]
+        else:
+            assert (p.default, p.lo, p.hi) == (info.default_value, info.lo, info.hi)
+    assert lib.pydhsa_dhsa_param_info(len(dp.PARAMS), info) != 0
+
+
+def test_c_api_defaults_are_the_table_defaults():
+    from pydhsa._native import ffi, load
+    params = ffi.new("pydhsa_session_params *")
+    load().pydhsa_session_default_params(params)
+    d, c = params.dhsa, DhsaConfig()
+    assert not d.enabled
+    assert (d.budget, dp.BOUNDARY_CHOICES[d.boundary]) == (pytest.approx(c.budget), c.boundary)
+    assert (d.chunk_min, d.chunk_max, d.chunk_avg, d.q_block) == (c.chunk_min, c.chunk_max, c.chunk_avg, c.q_block)
+    assert (d.sink_tokens, d.local_tokens, d.dense_tail, d.min_context) == \
+        (c.sink_tokens, c.local_tokens, c.dense_tail, c.min_context)
+    assert (d.all_layers, d.sparse_decode) == (c.layers == "all", c.decode == "sparse")
+
+
+def test_reference_defaults_are_the_table_defaults():
+    from pydhsa.reference import DhsaParams
+    r, c = DhsaParams(), DhsaConfig()
+    assert all(getattr(r, n) == getattr(c, n) for n in ("budget", "boundary", "chunk_min", "chunk_max", "chunk_avg",
+                                                        "q_block", "sink_tokens", "local_tokens", "dense_tail"))

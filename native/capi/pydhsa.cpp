@@ -14,6 +14,7 @@
 #include "llama.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cctype>
 #include <cerrno>
 #include <chrono>
@@ -169,7 +170,27 @@ struct pydhsa_session {
     double t_generate_ms   = 0.0;
     int32_t n_generate     = 0;
     std::vector<llama_token> tokens;  // the context's tokens, for the repetition penalty's look-back
+    std::atomic<bool> cancel{ false };  // pydhsa_session_cancel; read by llama.cpp's abort callback
 };
+
+// llama.cpp's abort callback: checked between graph nodes, so a cancel request stops a long ubatch quickly.
+static bool session_cancelled(void * data) {
+    return static_cast<pydhsa_session *>(data)->cancel.load(std::memory_order_relaxed);
+}
+
+void pydhsa_session_cancel(pydhsa_session * session) {
+    if (session) {
+        session->cancel.store(true);
+    }
+}
+
+// Consumes a cancel request: PYDHSA_ERR_CANCELLED when there was one.
+static int32_t take_cancel(pydhsa_session * s, pydhsa_error * err) {
+    if (s->cancel.exchange(false)) {
+        return set_error(err, PYDHSA_ERR_CANCELLED, "cancelled");
+    }
+    return PYDHSA_OK;
+}
 
 // The cache types llama.cpp's tools accept for -ctk/-ctv (common/arg.cpp's kv_cache_types).
 constexpr ggml_type kCacheTypes[] = { GGML_TYPE_F32,  GGML_TYPE_F16,  GGML_TYPE_BF16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0,
@@ -573,6 +594,7 @@ int32_t pydhsa_session_create(pydhsa_model * model, const pydhsa_session_params 
     // Always: explicit settings (or none, for a dense session) replace what libllama made from the model's
     // keys or PYDHSA_DHSA.
     llama_dhsa_attach(ctx, s->dhsa);
+    llama_set_abort_callback(ctx, session_cancelled, s);
     *out        = s;
     return ok(err);
 }
@@ -596,6 +618,7 @@ int32_t pydhsa_session_reset(pydhsa_session * session, pydhsa_error * err) {
     llama_memory_clear(llama_get_memory(session->ctx), /*data=*/true);
     session->n_past = 0;
     session->tokens.clear();
+    session->cancel.store(false);  // a request that came after the call it meant to stop had ended
     if (session->dhsa) {
         ggml_dhsa_runtime_release_cache(session->dhsa);  // memory only: stale entries would not match anyway
     }
@@ -614,6 +637,9 @@ static int32_t decode_tokens(pydhsa_session * s, const int32_t * tokens, int32_t
     } catch (const std::exception & e) {
         return set_error(err, PYDHSA_ERR_DECODE, "decode failed: %s", e.what());
     }
+    if (rc == 2 && s->cancel.load()) {  // 2: the abort callback stopped the compute
+        return take_cancel(s, err);
+    }
     if (rc != 0) {
         const std::string why = take_last_log_error();
         return set_error(err, PYDHSA_ERR_DECODE, "decode failed (llama_decode returned %d)%s%s", rc,
@@ -625,6 +651,11 @@ static int32_t decode_tokens(pydhsa_session * s, const int32_t * tokens, int32_t
 }
 
 int32_t pydhsa_prefill(pydhsa_session * session, const int32_t * tokens, int32_t n_tokens, pydhsa_error * err) {
+    return pydhsa_prefill_progress(session, tokens, n_tokens, nullptr, nullptr, err);
+}
+
+int32_t pydhsa_prefill_progress(pydhsa_session * session, const int32_t * tokens, int32_t n_tokens,
+                                pydhsa_progress_callback progress, void * user_data, pydhsa_error * err) {
     if (!session || n_tokens < 0 || (n_tokens > 0 && !tokens)) {
         return set_error(err, PYDHSA_ERR_ARGUMENT, "invalid arguments to pydhsa_prefill");
     }
@@ -649,11 +680,17 @@ int32_t pydhsa_prefill(pydhsa_session * session, const int32_t * tokens, int32_t
         session->dhsa->dense_from = session->n_past + n_tokens - session->dhsa->dense_tail;
         session->dhsa->upstream_graphs = 0;
     }
+    if (int32_t rc = take_cancel(session, err)) {
+        return rc;
+    }
     const double t0 = now_ms();
     for (int32_t i = 0; i < n_tokens; i += session->n_batch) {
         const int32_t n = std::min(session->n_batch, n_tokens - i);
         if (int32_t rc = decode_tokens(session, tokens + i, n, err)) {
             return rc;
+        }
+        if (progress != nullptr && progress(user_data, i + n, n_tokens) != 0) {
+            return set_error(err, PYDHSA_ERR_CANCELLED, "prefill stopped by the progress callback");
         }
     }
     session->t_prefill_ms += now_ms() - t0;
@@ -740,6 +777,9 @@ int32_t pydhsa_generate_sampled(pydhsa_session * session, int32_t max_tokens, co
         return set_error(err, PYDHSA_ERR_ARGUMENT, "generate needs a prompt: prefill at least one token first");
     }
     if (int32_t rc = check_sampling(*sampling, err)) {
+        return rc;
+    }
+    if (int32_t rc = take_cancel(session, err)) {
         return rc;
     }
     const llama_vocab * vocab = llama_model_get_vocab(session->model->model);

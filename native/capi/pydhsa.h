@@ -37,7 +37,8 @@ typedef enum {
     PYDHSA_ERR_DECODE      = 6, /* llama_decode failed */
     PYDHSA_ERR_BUFFER      = 7, /* the output buffer is too small; the needed size is reported */
     PYDHSA_ERR_ABORTED     = 8, /* the token callback asked to stop (not an error for generate) */
-    PYDHSA_ERR_INTERNAL    = 9
+    PYDHSA_ERR_INTERNAL    = 9,
+    PYDHSA_ERR_CANCELLED   = 10 /* pydhsa_session_cancel stopped the call; reset the session before reuse */
 } pydhsa_status;
 
 typedef struct {
@@ -194,6 +195,16 @@ PYDHSA_API int32_t pydhsa_session_n_ctx(const pydhsa_session * session);
 /* Append tokens to the context and run them through the model (in n_batch pieces). Fails with
  * PYDHSA_ERR_TOO_LONG, before computing anything, when they do not fit. */
 PYDHSA_API int32_t pydhsa_prefill(pydhsa_session * session, const int32_t * tokens, int32_t n_tokens, pydhsa_error * err);
+/* pydhsa_prefill, calling `progress` (if not NULL) after each batch with the tokens done so far and the total;
+ * a non-zero return stops the prefill (PYDHSA_ERR_CANCELLED). */
+typedef int32_t (*pydhsa_progress_callback)(void * user_data, int32_t done, int32_t total);
+PYDHSA_API int32_t pydhsa_prefill_progress(pydhsa_session * session, const int32_t * tokens, int32_t n_tokens,
+                                           pydhsa_progress_callback progress, void * user_data, pydhsa_error * err);
+/* Asks the prefill or generation running on `session` (in another thread) to stop: it returns
+ * PYDHSA_ERR_CANCELLED within one graph node's compute (llama.cpp's abort callback). Thread-safe. A call
+ * made after the request returns PYDHSA_ERR_CANCELLED at once; the request is consumed by the call it stops
+ * (or by pydhsa_session_reset). The context then holds part of the batch: reset before using the session. */
+PYDHSA_API void pydhsa_session_cancel(pydhsa_session * session);
 /* Sample up to max_tokens tokens after the current context, feeding each back in. temperature <= 0
  * is greedy; otherwise top-k 40, top-p 0.95, min-p 0.05, temperature, then a seeded draw (llama.cpp's
  * defaults). Stops at an end-of-generation token, when the context is full, or when the callback
