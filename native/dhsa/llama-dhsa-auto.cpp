@@ -23,10 +23,12 @@ namespace {
 constexpr const char * kEnvVar = "PYDHSA_DHSA";
 
 // What the environment variable says: nothing (unset or empty), off, or on with these settings on top of
-// the model's. A bad value is reported and the variable ignored, so a typo never changes results silently.
+// the model's. A malformed value is reported and turns DHSA off, so a typo never runs settings nobody asked
+// for.
 struct env_choice {
     bool set = false;
     bool off = false;
+    bool bad = false;  // malformed (already logged)
     std::map<int32_t, std::string> values;  // parameter id -> text
 };
 
@@ -64,8 +66,9 @@ env_choice read_env() {
         const int32_t id      = eq == std::string::npos ? -1 : dhsa_param_find(key.c_str());
         if (id < 0) {
             LLAMA_LOG_ERROR("pydhsa: %s='%s': '%s' is not on, off or <parameter>=<value> of a DHSA parameter "
-                            "(budget, boundary, chunk_min, ...); the variable is ignored\n",
+                            "(budget, boundary, chunk_min, ...); DHSA is off for this context\n",
                             kEnvVar, raw, item.c_str());
+            out.bad = true;
             return out;
         }
         parsed.values[id] = item.substr(eq + 1);
@@ -123,6 +126,9 @@ llama_dhsa_runtime_ptr llama_dhsa_from_model(const llama_model & model, llama_co
         }
     }
     const env_choice env = read_env();
+    if (env.bad) {
+        return nullptr;
+    }
     if (env.off) {
         if (from_keys) {
             LLAMA_LOG_INFO("pydhsa: DHSA off (%s=off), the model's %s.dhsa.* keys are not used\n", kEnvVar,
