@@ -337,6 +337,30 @@ class Session:
             raise failure[0]
         _check(self._lib, status[0], err)
 
+    def eval_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Evaluate `tokens` (at most the batch size) after what the context holds and return the logits of
+        every one of them, float32 [len(tokens), n_vocab]. No dense tail: every position runs the session's
+        attention (for scoring text; see pydhsa.perplexity)."""
+        n_vocab = self.model.info.n_vocab
+        out = np.empty((len(tokens), n_vocab), dtype=np.float32)
+        ffi = _native.ffi
+        arr = ffi.new("int32_t[]", list(tokens))
+        err = ffi.new("pydhsa_error *")
+        buf = ffi.cast("float *", out.ctypes.data)
+        _check(self._lib, self._lib.pydhsa_eval_logits(self._handle(), arr, len(tokens), buf, out.size, err), err)
+        return out
+
+    def dhsa_pairs(self) -> tuple:
+        """(computed, causal) query-key pairs summed over the layers that ran the DHSA kernel so far; (0, 0)
+        for a dense session. computed < causal means some attention was skipped."""
+        if self.dhsa is None:
+            return 0, 0
+        ffi = _native.ffi
+        n = self.model.info.n_layer
+        computed, causal = ffi.new("int64_t[]", n), ffi.new("int64_t[]", n)
+        self._lib.pydhsa_session_dhsa_stats(self._handle(), computed, causal, n)
+        return sum(computed[i] for i in range(n)), sum(causal[i] for i in range(n))
+
     def cancel(self) -> None:
         """Ask the prefill or generation running in another thread to stop (thread-safe): it raises
         PydhsaError with code 10 (cancelled) within a graph node's compute; reset() before reusing the

@@ -123,6 +123,12 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="prefill progress on stderr (tokens done, tok/s, ETA); default: on a terminal, for "
                         "prompts longer than one batch")
+    add_attention_mode_arguments(p)
+    p.set_defaults(handler=cmd_run)
+
+
+def add_attention_mode_arguments(p) -> None:
+    """--dense / --dhsa and every --dhsa-* flag (read by dhsa_config_for_run)."""
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--dense", action="store_true",
                       help="dense attention (upstream flash attention), ignoring any DHSA keys in the file")
@@ -131,7 +137,18 @@ def _add_run_parser(sub) -> None:
                            "and by DHSA keys in the file)")
     from .dhsa_params import add_dhsa_arguments
     add_dhsa_arguments(p)
-    p.set_defaults(handler=cmd_run)
+
+
+def _add_perplexity_parser(sub) -> None:
+    from . import perplexity
+    p = sub.add_parser(
+        "perplexity", help="perplexity of a text, and KL divergence against dense (--kl-divergence)",
+        description="Perplexity of a text in windows of -c tokens, as llama.cpp's llama-perplexity; with "
+                    "--kl-divergence also dense attention on the same tokens: mean, median, 99th percentile and "
+                    "maximum KL divergence of the next-token distributions and top-token agreement, for all "
+                    "positions and for those that ran sparse, with 95%% confidence intervals.")
+    perplexity.add_arguments(p)
+    p.set_defaults(handler=perplexity.run)
 
 
 def _add_info_parser(sub) -> None:
@@ -220,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info_parser(sub)
     _add_convert_parser(sub)
     _add_lib_path_parser(sub)
+    _add_perplexity_parser(sub)
     _add_tool_parsers(sub)
     from .cli_eval import add_eval_parsers
     add_eval_parsers(sub)

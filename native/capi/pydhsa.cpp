@@ -650,6 +650,86 @@ static int32_t decode_tokens(pydhsa_session * s, const int32_t * tokens, int32_t
     return PYDHSA_OK;
 }
 
+static int32_t check_tokens(const pydhsa_session * session, const int32_t * tokens, int32_t n_tokens,
+                            pydhsa_error * err) {
+    const int32_t n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(session->model->model));
+    for (int32_t i = 0; i < n_tokens; i++) {
+        if (tokens[i] < 0 || tokens[i] >= n_vocab) {
+            return set_error(err, PYDHSA_ERR_ARGUMENT, "token id %d at position %d out of range [0, %d)", tokens[i],
+                             i, n_vocab);
+        }
+    }
+    return PYDHSA_OK;
+}
+
+int32_t pydhsa_eval_logits(pydhsa_session * session, const int32_t * tokens, int32_t n_tokens, float * logits,
+                           int64_t logits_size, pydhsa_error * err) {
+    if (!session || !tokens || !logits || n_tokens <= 0) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "invalid arguments to pydhsa_eval_logits");
+    }
+    if (n_tokens > session->n_batch) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "%d tokens in one call, more than the batch size %d", n_tokens,
+                         session->n_batch);
+    }
+    const int32_t n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(session->model->model));
+    if (logits_size != (int64_t) n_tokens * n_vocab) {
+        return set_error(err, PYDHSA_ERR_ARGUMENT, "logits buffer has %lld floats, %d tokens need %lld",
+                         (long long) logits_size, n_tokens, (long long) n_tokens * n_vocab);
+    }
+    if ((int64_t) session->n_past + n_tokens > session->n_ctx) {
+        return set_error(err, PYDHSA_ERR_TOO_LONG, "%d more tokens do not fit: the context holds %d (%d used)",
+                         n_tokens, session->n_ctx, session->n_past);
+    }
+    if (int32_t rc = check_tokens(session, tokens, n_tokens, err)) {
+        return rc;
+    }
+    if (int32_t rc = take_cancel(session, err)) {
+        return rc;
+    }
+    if (session->dhsa) {  // every position is scored: no dense tail, DHSA graphs
+        session->dhsa->dense_from      = INT32_MAX;
+        session->dhsa->upstream_graphs = 0;
+    }
+    llama_batch batch = llama_batch_init(n_tokens, 0, 1);
+    for (int32_t i = 0; i < n_tokens; i++) {
+        batch.token[i]     = tokens[i];
+        batch.pos[i]       = session->n_past + i;
+        batch.n_seq_id[i]  = 1;
+        batch.seq_id[i][0] = 0;
+        batch.logits[i]    = 1;
+    }
+    batch.n_tokens = n_tokens;
+    const double t0 = now_ms();
+    int32_t rc      = 0;
+    try {
+        rc = llama_decode(session->ctx, batch);
+    } catch (const std::exception & e) {
+        llama_batch_free(batch);
+        return set_error(err, PYDHSA_ERR_DECODE, "decode failed: %s", e.what());
+    }
+    llama_batch_free(batch);
+    if (rc == 2 && session->cancel.load()) {
+        return take_cancel(session, err);
+    }
+    if (rc != 0) {
+        const std::string why = take_last_log_error();
+        return set_error(err, PYDHSA_ERR_DECODE, "decode failed (llama_decode returned %d)%s%s", rc,
+                         why.empty() ? "" : ": ", why.c_str());
+    }
+    for (int32_t i = 0; i < n_tokens; i++) {
+        const float * row = llama_get_logits_ith(session->ctx, i);
+        if (!row) {
+            return set_error(err, PYDHSA_ERR_INTERNAL, "position %d has no logits", i);
+        }
+        memcpy(logits + (size_t) i * n_vocab, row, sizeof(float) * (size_t) n_vocab);
+    }
+    session->n_past += n_tokens;
+    session->tokens.insert(session->tokens.end(), tokens, tokens + n_tokens);
+    session->t_prefill_ms += now_ms() - t0;
+    session->n_prefill += n_tokens;
+    return ok(err);
+}
+
 int32_t pydhsa_prefill(pydhsa_session * session, const int32_t * tokens, int32_t n_tokens, pydhsa_error * err) {
     return pydhsa_prefill_progress(session, tokens, n_tokens, nullptr, nullptr, err);
 }
@@ -668,12 +748,8 @@ int32_t pydhsa_prefill_progress(pydhsa_session * session, const int32_t * tokens
                          "size (-c)",
                          n_tokens, session->n_ctx, session->n_past);
     }
-    const int32_t n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(session->model->model));
-    for (int32_t i = 0; i < n_tokens; i++) {
-        if (tokens[i] < 0 || tokens[i] >= n_vocab) {
-            return set_error(err, PYDHSA_ERR_ARGUMENT, "token id %d at position %d out of range [0, %d)", tokens[i],
-                             i, n_vocab);
-        }
+    if (int32_t rc = check_tokens(session, tokens, n_tokens, err)) {
+        return rc;
     }
     if (session->dhsa) {
         // The prompt's last dense_tail tokens attend to everything (where the question usually is).

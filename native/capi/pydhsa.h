@@ -218,6 +218,11 @@ PYDHSA_API int32_t pydhsa_generate_sampled(pydhsa_session * session, int32_t max
                                            const pydhsa_sampling_params * sampling, pydhsa_token_callback callback,
                                            void * user_data, int32_t * n_generated, pydhsa_error * err);
 /* Logits of the last evaluated position (n_vocab floats). */
+/* Evaluate tokens after what the context holds (at most the batch size) and write the logits of every one of
+ * them to `logits` (n_tokens rows of n_vocab floats; logits_size = n_tokens * n_vocab). For scoring text
+ * (pydhsa perplexity): every position runs the session's attention, with no dense tail. */
+PYDHSA_API int32_t pydhsa_eval_logits(pydhsa_session * session, const int32_t * tokens, int32_t n_tokens,
+                                      float * logits, int64_t logits_size, pydhsa_error * err);
 PYDHSA_API int32_t pydhsa_last_logits(pydhsa_session * session, float * out, int32_t n_vocab, pydhsa_error * err);
 PYDHSA_API void pydhsa_session_timings(const pydhsa_session * session, pydhsa_timings * out);
 /* Query-key pairs the DHSA kernel computed and the causal pairs of the same rows, per layer, summed over
