@@ -37,12 +37,13 @@ def lib_dir() -> Path:
     return here
 
 
-def _library_file(directory: Path) -> Path:
+def library_file(directory: Path, name: str = "pydhsa") -> Path:
+    """The file of shared library `name` (pydhsa, llama, ...) in `directory`, as this platform names it."""
     if sys.platform == "darwin":
-        return directory / "libpydhsa.dylib"
+        return directory / f"lib{name}.dylib"
     if sys.platform == "win32":
-        return directory / "pydhsa.dll"
-    return directory / "libpydhsa.so"
+        return directory / f"{name}.dll"
+    return directory / f"lib{name}.so"
 
 
 def cdef_from_header(text: str) -> str:
@@ -60,7 +61,7 @@ def load():
         if _lib is None:
             directory = lib_dir()
             header = directory / "pydhsa.h"
-            library = _library_file(directory)
+            library = library_file(directory)
             if not header.exists() or not library.exists():
                 raise ImportError(
                     f"the native pydhsa library is missing from {directory}; reinstall with `pip install .` "

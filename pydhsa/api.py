@@ -350,16 +350,21 @@ class Session:
         _check(self._lib, self._lib.pydhsa_eval_logits(self._handle(), arr, len(tokens), buf, out.size, err), err)
         return out
 
+    def _dhsa_stats(self) -> tuple:
+        """Per layer, the computed and the causal query-key pairs the DHSA kernel counted so far."""
+        ffi = _native.ffi
+        n = self.model.info.n_layer
+        computed, causal = ffi.new("int64_t[]", n), ffi.new("int64_t[]", n)
+        self._lib.pydhsa_session_dhsa_stats(self._handle(), computed, causal, n)
+        return list(computed), list(causal)
+
     def dhsa_pairs(self) -> tuple:
         """(computed, causal) query-key pairs summed over the layers that ran the DHSA kernel so far; (0, 0)
         for a dense session. computed < causal means some attention was skipped."""
         if self.dhsa is None:
             return 0, 0
-        ffi = _native.ffi
-        n = self.model.info.n_layer
-        computed, causal = ffi.new("int64_t[]", n), ffi.new("int64_t[]", n)
-        self._lib.pydhsa_session_dhsa_stats(self._handle(), computed, causal, n)
-        return sum(computed[i] for i in range(n)), sum(causal[i] for i in range(n))
+        computed, causal = self._dhsa_stats()
+        return sum(computed), sum(causal)
 
     def cancel(self) -> None:
         """Ask the prefill or generation running in another thread to stop (thread-safe): it raises
@@ -463,13 +468,9 @@ class Session:
         and overall, summed over everything evaluated so far; None for a dense session."""
         if self.dhsa is None:
             return None
-        ffi = _native.ffi
-        n = self.model.info.n_layer
-        computed, causal = ffi.new("int64_t[]", n), ffi.new("int64_t[]", n)
-        self._lib.pydhsa_session_dhsa_stats(self._handle(), computed, causal, n)
-        per_layer = {il: computed[il] / causal[il] for il in range(n) if causal[il] > 0}
-        total_causal = sum(causal[il] for il in range(n))
-        overall = sum(computed[il] for il in range(n)) / total_causal if total_causal else None
+        computed, causal = self._dhsa_stats()
+        per_layer = {il: c / k for il, (c, k) in enumerate(zip(computed, causal)) if k > 0}
+        overall = sum(computed) / sum(causal) if sum(causal) else None
         return DhsaDensity(per_layer=per_layer, overall=overall)
 
     def dhsa_routes(self) -> Optional[dict]:

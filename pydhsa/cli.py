@@ -188,16 +188,12 @@ def _add_lib_path_parser(sub) -> None:
 
 
 def cmd_lib_path(args) -> int:
-    from ._native import lib_dir
+    from ._native import library_file, lib_dir
     directory = lib_dir()
-    if not (directory / ("llama.dll" if sys.platform == "win32" else "libllama" + _shared_suffix())).exists():
+    if not library_file(directory, "llama").exists():
         raise UsageError(f"no libllama in {directory}: is the package installed (pip install .)?")
     print(directory)
     return 0
-
-
-def _shared_suffix() -> str:
-    return ".dylib" if sys.platform == "darwin" else ".so"
 
 
 # llama.cpp's programs, built into the package with the PYDHSA_BUILD_TOOLS option: `pydhsa <command> ARGS`

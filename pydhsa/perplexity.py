@@ -108,11 +108,18 @@ class Scores:
     """Per-position results of a run, appended batch by batch."""
     parts: Dict[str, List[np.ndarray]] = field(default_factory=dict)
     sparse: List[np.ndarray] = field(default_factory=list)
+    nll_sum: float = 0.0  # running totals for the progress line's PPL so far
+    count: int = 0
 
     def add(self, batch: Dict[str, np.ndarray], ran_sparse: np.ndarray) -> None:
         for key, values in batch.items():
             self.parts.setdefault(key, []).append(values)
         self.sparse.append(ran_sparse)
+        self.nll_sum += float(batch["nll"].sum())
+        self.count += len(batch["nll"])
+
+    def ppl_so_far(self) -> float:
+        return math.exp(self.nll_sum / self.count) if self.count else float("nan")
 
     def arrays(self):
         return {k: np.concatenate(v) for k, v in self.parts.items()}, np.concatenate(self.sparse)
@@ -183,8 +190,7 @@ def run(args) -> int:
                 for i, window in enumerate(wins):
                     score_window(window, test, base, args.batch_size, scores,
                                  dhsa.min_context if dhsa is not None else 0)
-                    so_far = math.exp(np.concatenate(scores.parts["nll"]).mean())
-                    bar.advance(1, f"[{i + 1}] PPL {so_far:.4f}")
+                    bar.advance(1, f"[{i + 1}] PPL {scores.ppl_so_far():.4f}")
                 bar.close()
             finally:
                 if base is not None:

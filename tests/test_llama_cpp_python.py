@@ -7,6 +7,7 @@ seconds, no second llama.cpp), into the user cache, from the sdist the build alr
 extra carries its pure-Python dependencies. Without it the module is skipped, saying why."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -25,13 +26,16 @@ pytestmark = pytest.mark.model
 
 LLAMA_CPP_PYTHON = "0.3.36"  # the llama.cpp our fork patches is the one vendored in this release
 PROBE = Path(__file__).with_name("llama_cpp_probe.py")
+REPO = Path(__file__).resolve().parents[1]
 SHORT_PROMPT = "The quick brown fox jumps over the lazy dog. " * 60  # ~600 tokens
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("PYDHSA_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache"), "pydhsa")
-    return Path(base)
+    """The build's cache (native/fetch_upstream.py keeps the upstream sdist there)."""
+    spec = importlib.util.spec_from_file_location("fetch_upstream", REPO / "native" / "fetch_upstream.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.default_cache_dir()
 
 
 def _importable(env) -> bool:

@@ -629,9 +629,11 @@ int32_t pydhsa_session_n_ctx(const pydhsa_session * session) {
     return session ? session->n_ctx : 0;
 }
 
-static int32_t decode_tokens(pydhsa_session * s, const int32_t * tokens, int32_t n, pydhsa_error * err) {
-    llama_batch batch = llama_batch_get_one(const_cast<llama_token *>(tokens), n);
-    int32_t rc        = 0;
+// Decodes `batch` (which holds tokens[0..n)) and appends the tokens to the session's context. The one place
+// llama_decode's failures (a cancel request included) become our errors.
+static int32_t decode_batch(pydhsa_session * s, const llama_batch & batch, const int32_t * tokens, int32_t n,
+                            pydhsa_error * err) {
+    int32_t rc = 0;
     try {
         rc = llama_decode(s->ctx, batch);
     } catch (const std::exception & e) {
@@ -648,6 +650,11 @@ static int32_t decode_tokens(pydhsa_session * s, const int32_t * tokens, int32_t
     s->n_past += n;
     s->tokens.insert(s->tokens.end(), tokens, tokens + n);
     return PYDHSA_OK;
+}
+
+// Tokens after the context, logits of the last one only.
+static int32_t decode_tokens(pydhsa_session * s, const int32_t * tokens, int32_t n, pydhsa_error * err) {
+    return decode_batch(s, llama_batch_get_one(const_cast<llama_token *>(tokens), n), tokens, n, err);
 }
 
 static int32_t check_tokens(const pydhsa_session * session, const int32_t * tokens, int32_t n_tokens,
@@ -698,23 +705,12 @@ int32_t pydhsa_eval_logits(pydhsa_session * session, const int32_t * tokens, int
         batch.seq_id[i][0] = 0;
         batch.logits[i]    = 1;
     }
-    batch.n_tokens = n_tokens;
-    const double t0 = now_ms();
-    int32_t rc      = 0;
-    try {
-        rc = llama_decode(session->ctx, batch);
-    } catch (const std::exception & e) {
-        llama_batch_free(batch);
-        return set_error(err, PYDHSA_ERR_DECODE, "decode failed: %s", e.what());
-    }
+    batch.n_tokens   = n_tokens;
+    const double t0  = now_ms();
+    const int32_t rc = decode_batch(session, batch, tokens, n_tokens, err);
     llama_batch_free(batch);
-    if (rc == 2 && session->cancel.load()) {
-        return take_cancel(session, err);
-    }
-    if (rc != 0) {
-        const std::string why = take_last_log_error();
-        return set_error(err, PYDHSA_ERR_DECODE, "decode failed (llama_decode returned %d)%s%s", rc,
-                         why.empty() ? "" : ": ", why.c_str());
+    if (rc != PYDHSA_OK) {
+        return rc;
     }
     for (int32_t i = 0; i < n_tokens; i++) {
         const float * row = llama_get_logits_ith(session->ctx, i);
@@ -723,8 +719,6 @@ int32_t pydhsa_eval_logits(pydhsa_session * session, const int32_t * tokens, int
         }
         memcpy(logits + (size_t) i * n_vocab, row, sizeof(float) * (size_t) n_vocab);
     }
-    session->n_past += n_tokens;
-    session->tokens.insert(session->tokens.end(), tokens, tokens + n_tokens);
     session->t_prefill_ms += now_ms() - t0;
     session->n_prefill += n_tokens;
     return ok(err);
