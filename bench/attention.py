@@ -5,8 +5,11 @@ Every configuration runs the three modes of `pydhsa.op.run_attention` on the sam
 
 - dense: upstream `ggml_flash_attn_ext` with the causal mask (what llama.cpp runs without DHSA);
 - dhsa:  our `ggml_dhsa_select` + `ggml_dhsa_attn` (selection included in the time);
-- mask:  our selection turned into a -inf mask for `ggml_flash_attn_ext` (upstream's sparse route; the time
-         includes the selection and the C++ mask build).
+- mask:  our selection turned into a -inf mask for `ggml_flash_attn_ext` (the time includes the selection and
+         the C++ mask build; dense flash attention over a sparse mask).
+- dhsa-own / dhsa-fattn (GPU): the dhsa op with its attention forced through our kernel, or through upstream's
+         sparse MMA flash attention fed with the selection's index lists ("dhsa" picks one per configuration;
+         a configuration the fattn route does not cover shows "-").
 
 The queries are one ubatch at the end of the keys (q_pos0 = n_kv - n_q: the last ubatch of a prefill). Inputs
 are random float16 with structure: keys follow piecewise-drifting means (segments of 16-128 keys whose mean
@@ -55,8 +58,11 @@ REPO = BENCH_DIR.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 RESULTS_DIR = BENCH_DIR / "results"
-MODES = ("flash", "dhsa", "mask", "select")
-MODE_LABEL = {"flash": "dense", "dhsa": "dhsa", "mask": "mask", "select": "select"}
+MODES = ("flash", "dhsa", "dhsa-own", "dhsa-fattn", "mask", "select")
+MODE_LABEL = {"flash": "dense", "dhsa": "dhsa", "dhsa-own": "dhsa own", "dhsa-fattn": "dhsa fattn", "mask": "mask",
+              "select": "select"}
+# Modes whose time is compared with dense (speedup = median dense / median mode).
+TIMED_AGAINST_DENSE = ("dhsa", "dhsa-own", "dhsa-fattn", "mask")
 
 QUICK = dict(n_kv=[2048, 4096], n_q=512, heads=[(4, 1), (8, 4)], budgets=[0.1, 0.3], repeats=3, warmup=1)
 
@@ -286,10 +292,21 @@ def bench_config(Q, K, V, budget: float, args, cfg_extra: Dict[str, Any]) -> Dic
     # repeats inside the engine (uploading 128K keys per repeat would dominate the run).
     gpu = args.device != "cpu"
     rounds = [(0, args.repeats)] if gpu else [(rep, 1) for rep in range(args.warmup + args.repeats)]
+    from pydhsa.errors import PydhsaError
+    not_applicable = set()
     for rep, n_repeat in rounds:
         for mode in modes:
-            res = time_mode(Q, K, V, mode, cfg, args.threads, device=args.device, n_repeat=n_repeat,
-                            warm_cache=args.warm_cache)
+            if mode in not_applicable:
+                continue
+            try:
+                res = time_mode(Q, K, V, mode, cfg, args.threads, device=args.device, n_repeat=n_repeat,
+                                warm_cache=args.warm_cache)
+            except PydhsaError as e:
+                if mode != "dhsa-fattn":
+                    raise
+                log(f"  dhsa-fattn: {e}")
+                not_applicable.add(mode)
+                continue
             (warm if rep < args.warmup and not gpu else times)[mode].append(res.elapsed_ms)
             if mode not in outs and mode != "select":
                 outs[mode] = res.out
@@ -298,7 +315,7 @@ def bench_config(Q, K, V, budget: float, args, cfg_extra: Dict[str, Any]) -> Dic
                     sparse = res.sparse
     if "dhsa" in outs and "mask" in outs:
         max_diff = float(np.max(np.abs(outs["dhsa"] - outs["mask"])))
-    med = {m: median(times[m]) for m in modes}
+    med = {m: median(times[m]) if times[m] else None for m in modes}
     row = {
         "budget": budget,
         "median_ms": {MODE_LABEL[m]: med[m] for m in modes},
@@ -310,13 +327,17 @@ def bench_config(Q, K, V, budget: float, args, cfg_extra: Dict[str, Any]) -> Dic
         # DHSA only for H_KV = 1; the difference is a sanity check, not a tolerance test.
         "max_abs_diff_dhsa_vs_mask": max_diff,
     }
+    if "flash" in modes:
+        row["speedups"] = {MODE_LABEL[m]: med["flash"] / med[m] if med[m] else None
+                           for m in TIMED_AGAINST_DENSE if m in modes}
     if "flash" in modes and "dhsa" in modes:
-        row["speedup"] = med["flash"] / med["dhsa"] if med["dhsa"] > 0 else None
+        row["speedup"] = row["speedups"]["dhsa"]
         row["speedup_per_repeat"] = [f / s for f, s in zip(times["flash"], times["dhsa"]) if s > 0]
     if "flash" in modes and "mask" in modes:
-        row["mask_speedup"] = med["flash"] / med["mask"] if med["mask"] > 0 else None
-    if "select" in modes and "dhsa" in modes:
-        row["select_share"] = med["select"] / med["dhsa"] if med["dhsa"] > 0 else None
+        row["mask_speedup"] = row["speedups"]["mask"]
+    fastest_dhsa = min((med[m] for m in ("dhsa", "dhsa-own", "dhsa-fattn") if m in modes and med[m]), default=None)
+    if "select" in modes and fastest_dhsa:
+        row["select_share"] = med["select"] / fastest_dhsa  # of the fastest DHSA mode
     return row
 
 
@@ -328,16 +349,17 @@ def print_table(rows: List[Dict[str, Any]]) -> None:
     with_select = any(r.get("select_share") is not None for r in rows)
     precise = any(v is not None and v < 10 for r in rows for v in r["median_ms"].values())
     ms = (lambda x: "-" if x is None or x != x else f"{x:.3f}") if precise else fmt_ms
-    hdr = ["n_kv", "n_q", "d", "heads", "budget", "dense ms", "dhsa ms", "mask ms", "speedup", "mask speedup",
-           "density"] + (["select share"] if with_select else [])
+    labels = [MODE_LABEL[m] for m in MODES if m != "select" and any(MODE_LABEL[m] in r["median_ms"] for r in rows)]
+    compared = [l for l in labels if l != "dense" and any(l in r.get("speedups", {}) for r in rows)]
+    hdr = (["n_kv", "n_q", "d", "heads", "budget"] + [f"{l} ms" for l in labels] +
+           [f"{l} speedup" for l in compared] + ["density"] + (["select share"] if with_select else []))
+    speedup = lambda x: "-" if x is None else f"{x:.2f}x"
     lines = []
     for r in rows:
         m = r["median_ms"]
         lines.append([
             str(r["n_kv"]), str(r["n_q"]), str(r["d"]), f"{r['n_head']}/{r['n_head_kv']}", f"{r['budget']:g}",
-            ms(m.get("dense")), ms(m.get("dhsa")), ms(m.get("mask")),
-            "-" if r.get("speedup") is None else f"{r['speedup']:.2f}x",
-            "-" if r.get("mask_speedup") is None else f"{r['mask_speedup']:.2f}x",
+            *(ms(m.get(l)) for l in labels), *(speedup(r.get("speedups", {}).get(l)) for l in compared),
             "-" if r.get("density") is None else f"{r['density']:.3f}",
         ] + (["-" if r.get("select_share") is None else f"{100 * r['select_share']:.1f}%"] if with_select else []))
     widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(hdr)]
@@ -372,8 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", "-r", type=int, default=5, help="timed repeats per configuration (default 5)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed warm-up rounds per configuration (default 1)")
     ap.add_argument("--modes", default=None,
-                    help="modes to run, comma-separated from flash,dhsa,mask,select (default flash,dhsa,mask; "
-                         "with --device cuda also select)")
+                    help="modes to run, comma-separated from " + ",".join(MODES) + " (default flash,dhsa,mask; "
+                         "with --device cuda flash,dhsa-own,dhsa-fattn,select)")
     ap.add_argument("--warm-cache", action="store_true",
                     help="with --device cuda: keep the selection caches of complete 512-key segments between the "
                          "repeats (the steady state of a long prefill or decode; default: every run cold)")
@@ -398,7 +420,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for k, v in QUICK.items():
             setattr(args, k, v)
     if args.modes is None:
-        args.modes = "flash,dhsa,mask" + (",select" if args.device == "cuda" else "")
+        args.modes = "flash,dhsa-own,dhsa-fattn,select" if args.device == "cuda" else "flash,dhsa,mask"
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in args.modes if m not in MODES]
     if bad or not args.modes:
@@ -434,8 +456,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                              "command": [sys.executable, *sys.argv], "results": rows})
             m = row["median_ms"]
             log(f"attention: n_kv={n_kv} d={d} heads={h}/{hk} budget={budget:g}: "
-                + " ".join(f"{k} {v:.3f} ms" for k, v in m.items())
-                + (f" | speedup {row['speedup']:.2f}x" if row.get("speedup") else "")
+                + " ".join(f"{k} {v:.3f} ms" for k, v in m.items() if v is not None)
+                + "".join(f" | {k} {v:.2f}x" for k, v in row.get("speedups", {}).items() if v)
                 + (f" | density {row['density']:.3f}" if row.get("density") is not None else "")
                 + f" | {time.time() - t0:.1f} s")
         del Q, K, V

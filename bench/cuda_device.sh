@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # Build, check and time the DHSA CUDA kernels on a GPU machine, in one command.
 #
-#   bench/cuda_device.sh [--arch 90] [--stages build,tests,prefill,attention,attention-warm] [--out DIR]
-#                        [--quick | --short]
+#   bench/cuda_device.sh [--arch 90] [--stages build,tests,attention,prefill,prefill-qwen,attention-warm]
+#                        [--out DIR] [--quick | --short]
 #
 # Stages (default: all, in this order; a failing stage is reported and the next ones still run):
 #   build      pip-installs this checkout with CMAKE_ARGS="-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=<arch>"
 #              into a private target directory (no build isolation: the machine may be offline).
 #   tests      tests/test_op_cuda.py (kernels vs the NumPy reference and the CPU op, n_kv up to 128K) and
 #              tests/test_cuda_e2e.py (random-weight Gemma 2/3 with every layer on the GPU).
-#   prefill    bench/cuda_prefill.py (random Gemma3-1B-shaped model, 8K/16K/32K)  -> prefill-cuda.json
-#   attention  bench/attention.py --device cuda over the issue's grid -> attention-cuda.json
+#   attention  bench/attention.py --device cuda over the issue's grid: dense, DHSA through our kernel and
+#              through upstream's sparse flash attention, the selection alone -> attention-cuda.json
+#   prefill    bench/cuda_prefill.py (random Gemma3-1B-shaped model, 8K/16K/32K, both CUDA attention routes)
+#              -> prefill-cuda.json
+#   prefill-qwen  the same for a random Qwen2-7B-shaped model (every layer global), 8K and 32K (its maximum
+#              context) -> prefill-cuda-qwen.json
 #   attention-warm  the same with the selection caches kept between repeats -> attention-cuda-warm.json
 # --quick: a small grid for a smoke test; --short: budgets 0.1/0.3 only and 2 prefill rounds (one call of the
 # device tool on our lent machines is limited to 10 minutes, the build included).
@@ -23,7 +27,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 arch=90
-stages=build,tests,prefill,attention,attention-warm
+stages=build,tests,attention,prefill,prefill-qwen,attention-warm
 out=${OUT:-bench/results/cuda}
 quick=0
 short=0
@@ -35,14 +39,15 @@ while [ $# -gt 0 ]; do
         --out) out=$2; shift 2 ;;
         --quick) quick=1; shift ;;
         --short) short=1; shift ;;
-        *) echo "usage: $0 [--arch 90] [--stages build,tests,attention,prefill] [--out DIR] [--quick]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--arch 90] [--stages build,tests,attention,prefill,prefill-qwen,attention-warm] [--out DIR] [--quick|--short]" >&2; exit 2 ;;
     esac
 done
 mkdir -p "$out"
 has() { case ",$stages," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 stamp() { echo "== $(date +%T) $*"; }
 
-site=${PYDHSA_SITE:-/tmp/pydhsa-cuda-site}
+# Inside the checkout (git-ignored), so that a warm machine keeps the install and the build folder between calls.
+site=${PYDHSA_SITE:-$PWD/.device/site}
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 # A machine's default compiler can be a separate toolchain whose C++ runtime differs from the one Python
@@ -81,25 +86,33 @@ if has tests; then
     done
 fi
 
-if has prefill; then
-    stamp "prefill benchmark"
-    lengths=8k,16k,32k; [ $quick = 1 ] && lengths=8k
-    repeats=3; [ $short = 1 ] && repeats=2
-    python3 bench/cuda_prefill.py --lengths $lengths --budgets 0.3 --repeats $repeats \
-        --out "$out/prefill-cuda.json" 2> "$out/prefill.log" || { tail -30 "$out/prefill.log"; failed="$failed prefill"; }
-fi
-
 budgets=0.1,0.3,0.5; [ $short = 1 ] && budgets=0.1,0.3
 if [ $quick = 1 ]; then grid=(--n-kv 8k,32k --d 128 --heads 8/4 --budgets 0.3 --repeats 10)
-else grid=(--n-kv 8k,32k,64k,128k --d 128,256 --heads 8/4,16/8 --budgets $budgets --repeats 10); fi
+elif [ $short = 1 ]; then grid=(--n-kv 32k,64k,128k --d 128,256 --heads 8/4,16/8,28/4 --budgets $budgets --repeats 10)
+else grid=(--n-kv 8k,32k,64k,128k --d 128,256 --heads 8/4,16/8,28/4 --budgets $budgets --repeats 10); fi
 if has attention; then
     stamp "attention op benchmark (cold selection caches)"
     python3 bench/attention.py --device cuda "${grid[@]}" --out "$out/attention-cuda.json" 2> "$out/attention.log" \
         || failed="$failed attention"
 fi
+
+repeats=3; [ $short = 1 ] && repeats=2
+if has prefill; then
+    stamp "prefill benchmark (Gemma3-1B-shaped)"
+    lengths=8k,16k,32k; [ $quick = 1 ] && lengths=8k
+    python3 bench/cuda_prefill.py --lengths $lengths --budgets 0.3 --cuda-attn own,fattn --repeats $repeats \
+        --out "$out/prefill-cuda.json" 2> "$out/prefill.log" || { tail -30 "$out/prefill.log"; failed="$failed prefill"; }
+fi
+if has prefill-qwen; then
+    stamp "prefill benchmark (Qwen2-7B-shaped)"
+    lengths=8k,32k; [ $quick = 1 ] && lengths=8k
+    python3 bench/cuda_prefill.py --shape qwen2-7b --lengths $lengths --budgets 0.3 --cuda-attn own,fattn \
+        --repeats $repeats --out "$out/prefill-cuda-qwen.json" 2> "$out/prefill-qwen.log" \
+        || { tail -30 "$out/prefill-qwen.log"; failed="$failed prefill-qwen"; }
+fi
 if has attention-warm; then
     stamp "attention op benchmark (warm selection caches)"
-    python3 bench/attention.py --device cuda --warm-cache --modes flash,dhsa,select --n-kv 32k,128k --d 128,256 \
+    python3 bench/attention.py --device cuda --warm-cache --modes flash,dhsa-own,dhsa-fattn,select --n-kv 32k,128k --d 128,256 \
         --heads 8/4,16/8 --budgets 0.3 --repeats 10 --out "$out/attention-cuda-warm.json" 2>> "$out/attention.log" \
         || failed="$failed attention-warm"
 fi

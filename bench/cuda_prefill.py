@@ -1,12 +1,20 @@
 #!/usr/bin/env python3
-"""Whole-prompt prefill on a GPU (every layer offloaded) of a random-weight Gemma3-1B-shaped model: dense
+"""Whole-prompt prefill on a GPU (every layer offloaded) of a random-weight model of a real model's shape: dense
 (upstream flash attention) versus DHSA budgets, same model, same prompt, same run.
 
-The model has Gemma 3 1B's shape (26 layers, hidden 1152, FFN 6912, 4 query heads and 1 KV head of size 256,
+--shape gemma3-1b (default): Gemma 3 1B's shape (26 layers, hidden 1152, FFN 6912, 4 query heads and 1 KV head of size 256,
 a 512-token sliding window on 5 of every 6 layers, 32K context) with random weights and a small vocabulary
 (a SentencePiece tokenizer trained here on generated words: the real 262K-token vocabulary only adds an
 embedding lookup and the last position's output projection to a prefill). It is made with transformers and
 converted with our converter (f16), once per --workdir.
+
+--shape qwen2-7b: Qwen2 7B's shape (28 layers, hidden 3584, FFN 18944, 28 query heads over 4 KV heads of size
+128, q/k/v biases, every layer global, 32K context), written directly as a qwen2 GGUF (f16) with the gguf
+library: random N(0, 0.02) weights drawn once into a pool that every tensor takes a different slice of (making
+15 GB of independent random numbers would take longer than the benchmark), and the same small SentencePiece
+vocabulary.
+
+--cuda-attn own,fattn times DHSA once per CUDA attention route (PYDHSA_CUDA_ATTN); default: the engine's choice.
 
 For each prompt length (random token ids) and mode, a fresh session prefills the whole prompt --repeats
 times; the table shows median prefill time, tokens/s and the speedup over dense of the same length.
@@ -55,8 +63,91 @@ def make_tokenizer(dest: Path) -> None:
     transformers.GemmaTokenizer.from_pretrained(str(dest)).save_pretrained(str(dest))
 
 
-def make_model(workdir: Path) -> Path:
-    """The random-weight checkpoint and its f16 GGUF (reused when already in workdir)."""
+QWEN2_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, head_dim=128, max_position_embeddings=32768, rope_theta=1000000.0,
+                rms_norm_eps=1e-6)
+SHAPES = {"gemma3-1b": GEMMA3_1B, "qwen2-7b": QWEN2_7B}
+
+
+def make_qwen2_gguf(workdir: Path, c: Dict[str, Any] = QWEN2_7B, name: str = "qwen2-7b-shaped") -> Path:
+    """A random-weight qwen2 GGUF of shape `c` (Qwen2 7B's by default; module docstring), reused when already
+    in workdir."""
+    import gguf
+    import sentencepiece as spm
+    path = workdir / f"{name}-random-f16.gguf"
+    if path.exists():
+        return path
+    tok_dir = workdir / "tokenizer"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    make_tokenizer(tok_dir)
+    sp = spm.SentencePieceProcessor(model_file=str(tok_dir / "tokenizer.model"))
+    n_vocab = sp.get_piece_size()
+    types = [gguf.TokenType.CONTROL if sp.is_control(i) else gguf.TokenType.UNKNOWN if sp.is_unknown(i) else
+             gguf.TokenType.BYTE if sp.is_byte(i) else gguf.TokenType.NORMAL for i in range(n_vocab)]
+    n_embd, n_ff, d = c["hidden_size"], c["intermediate_size"], c["head_dim"]
+    n_head, n_head_kv = c["num_attention_heads"], c["num_key_value_heads"]
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    w.add_name(f"{name}-random")
+    w.add_context_length(c["max_position_embeddings"])
+    w.add_embedding_length(n_embd)
+    w.add_block_count(c["num_hidden_layers"])
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_key_length(d)
+    w.add_value_length(d)
+    w.add_rope_freq_base(c["rope_theta"])
+    w.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([sp.id_to_piece(i).encode() for i in range(n_vocab)])
+    w.add_token_scores([sp.get_score(i) for i in range(n_vocab)])
+    w.add_token_types(types)
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    w.add_add_bos_token(True)
+    rng = np.random.default_rng(0)
+    pool = (rng.standard_normal(1 << 27, dtype=np.float32) * 0.02).astype(np.float16)  # > the largest tensor
+    taken = 0
+
+    def tensor(name: str, *shape: int, norm: bool = False) -> None:
+        """numpy shape (rows, cols) is ggml's [cols, rows]; 1-D tensors (norms: ones, biases) are f32."""
+        nonlocal taken
+        n = int(np.prod(shape))
+        start = taken % (pool.size - n + 1)
+        taken += 1_000_003 * 7
+        data = np.ones(n, dtype=np.float32) if norm else pool[start:start + n]
+        w.add_tensor(name, (data.astype(np.float32) if len(shape) == 1 else data).reshape(shape))
+
+    tensor("token_embd.weight", n_vocab, n_embd)
+    for il in range(c["num_hidden_layers"]):
+        p = f"blk.{il}."
+        tensor(p + "attn_norm.weight", n_embd, norm=True)
+        tensor(p + "attn_q.weight", n_head * d, n_embd)
+        tensor(p + "attn_q.bias", n_head * d)
+        tensor(p + "attn_k.weight", n_head_kv * d, n_embd)
+        tensor(p + "attn_k.bias", n_head_kv * d)
+        tensor(p + "attn_v.weight", n_head_kv * d, n_embd)
+        tensor(p + "attn_v.bias", n_head_kv * d)
+        tensor(p + "attn_output.weight", n_embd, n_head * d)
+        tensor(p + "ffn_norm.weight", n_embd, norm=True)
+        tensor(p + "ffn_gate.weight", n_ff, n_embd)
+        tensor(p + "ffn_up.weight", n_ff, n_embd)
+        tensor(p + "ffn_down.weight", n_embd, n_ff)
+    tensor("output_norm.weight", n_embd, norm=True)
+    tensor("output.weight", n_vocab, n_embd)
+    A.log(f"cuda_prefill: writing {path}")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file(progress=False)
+    w.close()
+    return path
+
+
+def make_model(workdir: Path, shape: str = "gemma3-1b") -> Path:
+    """The random-weight model of `shape` as an f16 GGUF (reused when already in workdir)."""
+    if shape == "qwen2-7b":
+        return make_qwen2_gguf(workdir)
     gguf_path = workdir / "gemma3-1b-shaped-random-f16.gguf"
     if gguf_path.exists():
         return gguf_path
@@ -79,9 +170,14 @@ def make_model(workdir: Path) -> Path:
     return gguf_path
 
 
-def prefill_ms(model, tokens: Sequence[int], budget: Optional[float], args) -> float:
+def prefill_ms(model, tokens: Sequence[int], budget: Optional[float], args, route: Optional[str] = None) -> float:
+    import os
     from pydhsa.dhsa_params import DhsaConfig
     cfg = None if budget is None else DhsaConfig(budget=budget)
+    if route is None:
+        os.environ.pop("PYDHSA_CUDA_ATTN", None)
+    else:
+        os.environ["PYDHSA_CUDA_ATTN"] = route  # read by the engine at every DHSA node
     n_ctx = min(len(tokens) + 16, model.info.n_ctx_train)  # the model's maximum context is a valid length
     with model.session(n_ctx=n_ctx, n_batch=args.n_batch, n_ubatch=args.n_ubatch, dhsa=cfg) as s:
         s.prefill(tokens)
@@ -93,6 +189,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--lengths", type=A.parse_int_list, default=[8192, 16384, 32768], metavar="LIST",
                     help="prompt lengths (default 8k,16k,32k; 32K is Gemma 3 1B's maximum context)")
     ap.add_argument("--budgets", type=A.parse_float_list, default=[0.3], metavar="LIST", help="DHSA budgets (0.3)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="gemma3-1b",
+                    help="the real model whose shape the random model has (default gemma3-1b)")
+    ap.add_argument("--cuda-attn", default=None, metavar="LIST",
+                    help="CUDA attention routes to time DHSA with, comma-separated from own,fattn "
+                         "(default: the engine's choice)")
     ap.add_argument("--repeats", type=int, default=3, help="prefills per length and mode (default 3)")
     ap.add_argument("--n-batch", type=int, default=2048, help="logical batch (llama.cpp's default 2048)")
     ap.add_argument("--n-ubatch", type=int, default=512, help="physical batch (llama.cpp's default 512)")
@@ -103,25 +204,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
+    routes: List[Optional[str]] = [None]
+    if args.cuda_attn:
+        routes = [r.strip() for r in args.cuda_attn.split(",") if r.strip()]
+        if not routes or any(r not in ("own", "fattn") for r in routes):
+            ap.error("--cuda-attn: a comma-separated list of own, fattn")
 
     from pydhsa import Model
     args.workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    path = make_model(args.workdir)
+    path = make_model(args.workdir, args.shape)
     A.log(f"cuda_prefill: model ready in {time.time() - t0:.0f} s")
     info = A.machine_info(threads=0)
     info["gpu"] = A.gpu_info()
     rows: List[Dict[str, Any]] = []
-    modes: List[Optional[float]] = [None, *args.budgets]
+    # (label, budget, route): dense, then each budget through each route
+    modes = [("dense", None, None)] + [(f"dhsa-{b:g}" + (f"-{r}" if r else ""), b, r)
+                                       for b in args.budgets for r in routes]
     with Model(path, n_gpu_layers=args.n_gpu_layers) as model:
         prefill_ms(model, [2] + [10] * 1023, None, args)  # warm-up: CUDA modules, allocations
         for n in args.lengths:
             n = min(n, model.info.n_ctx_train)
             tokens = [2] + [int(t) for t in np.random.default_rng(n).integers(10, 1000, n - 1)]
-            times: Dict[str, List[float]] = {("dense" if b is None else f"dhsa-{b:g}"): [] for b in modes}
+            times: Dict[str, List[float]] = {label: [] for label, _, _ in modes}
             for _ in range(args.repeats):  # interleaved, so drifts hit every mode alike
-                for b in modes:
-                    times["dense" if b is None else f"dhsa-{b:g}"].append(prefill_ms(model, tokens, b, args))
+                for label, b, route in modes:
+                    times[label].append(prefill_ms(model, tokens, b, args, route))
             med = {k: statistics.median(v) for k, v in times.items()}
             row = {"n_tokens": n, "median_ms": med, "times_ms": times,
                    "tok_s": {k: n / (v / 1000.0) for k, v in med.items()},
@@ -135,7 +243,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             sp = r["speedup"].get(k)
             print(f"| {r['n_tokens']} | {k} | {v:.0f} | {r['tok_s'][k]:.0f} | {'-' if sp is None else f'{sp:.2f}x'} |")
     out = args.out or A.default_out("prefill-cuda")
-    A.write_json_atomic(out, {"benchmark": "cuda_prefill", "machine": info, "model": {"shape": GEMMA3_1B,
+    A.write_json_atomic(out, {"benchmark": "cuda_prefill", "machine": info, "model": {"name": args.shape,
+                                                                                     "shape": SHAPES[args.shape],
                               "vocab_size": 1000, "weights": "random, f16 GGUF"},
                               "params": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                               "results": rows})

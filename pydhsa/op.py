@@ -4,7 +4,9 @@
 
 Q: [n_q, H, d] float32; K, V: [n_kv, H_kv, d] float16 or float32, stored as given, or float32 stored in a
 quantised or bfloat16 cache with kv_type="q8_0" / "bf16" (what the op then reads is cache_values(K, kv_type)).
-mode: "dhsa" (our select + attn ops),
+mode: "dhsa" (our select + attn ops; on a GPU the attention runs through our kernel or upstream's sparse
+flash attention, whichever the engine picks for the configuration; "dhsa-own" / "dhsa-fattn" force one,
+and "dhsa-fattn" raises when the configuration does not qualify),
 "flash" (upstream ggml_flash_attn_ext, dense) or "mask" (our selection as a -inf mask for flash
 attention: the route upstream takes for sparse attention) or "select" (the selection alone, for timing it;
 the output is not written). Returns the output [n_q, H, d] float32 and,
@@ -21,7 +23,7 @@ from . import _native
 from .api import _check, _fill_dhsa_params
 from .dhsa_params import DhsaConfig
 
-MODES = {"dhsa": 0, "flash": 1, "mask": 2, "select": 3}
+MODES = {"dhsa": 0, "flash": 1, "mask": 2, "select": 3, "dhsa-own": 4, "dhsa-fattn": 5}
 # K/V cache types the op runner stores (ggml's names); the values are ggml_type ids (gguf's enum).
 CACHE_TYPES = ("f32", "f16", "bf16", "q8_0")
 DENSE_NONE = 2**31 - 1

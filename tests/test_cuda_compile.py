@@ -2,8 +2,9 @@
 
 Each kernel file is compiled on its own with the flags the build gives it: the selection without fast math
 (it must be exact), the attention as part of ggml-cuda (-use_fast_math -extended-lambda). The ggml-cuda glue
-file (ggml-cuda-dhsa.cu) includes ggml-cuda's common.cuh, which needs the cuBLAS headers; it is compiled
-when they are installed. Skipped, with the reason, on machines without nvcc.
+files (ggml-cuda-dhsa.cu, ggml-cuda-dhsa-fattn.cu) include ggml-cuda's common.cuh, which needs the cuBLAS
+headers; they are compiled when those are installed (or PYDHSA_CUBLAS_INCLUDE names them, e.g. the include
+folder of the nvidia-cublas wheel). Skipped, with the reason, on machines without nvcc.
 """
 from __future__ import annotations
 
@@ -52,13 +53,23 @@ def test_kernel_file_compiles(name, tmp_path):
     assert (tmp_path / (name + ".o")).stat().st_size > 0
 
 
-def test_ggml_cuda_glue_compiles(tmp_path):
-    candidates = [Path(NVCC).resolve().parents[1] / "include",
-                  Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"]
-    if not any((c / "cublas_v2.h").exists() for c in candidates):
-        pytest.skip(f"cuBLAS headers not installed (looked in {', '.join(map(str, candidates))}); "
-                    "ggml-cuda's common.cuh needs them")
+CUBLAS_CANDIDATES = [p for p in (os.environ.get("PYDHSA_CUBLAS_INCLUDE"),
+                                  NVCC and str(Path(NVCC).resolve().parents[1] / "include"),
+                                  str(Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include")) if p]
+
+
+def cublas_include() -> list:
+    """The folder holding cublas_v2.h, as a list of one (or none): the CUDA toolkit's, or the include folder
+    of the nvidia-cublas wheel named by PYDHSA_CUBLAS_INCLUDE."""
+    return [p for p in CUBLAS_CANDIDATES if (Path(p) / "cublas_v2.h").exists()][:1]
+
+
+@pytest.mark.parametrize("name", ["ggml-cuda-dhsa.cu", "ggml-cuda-dhsa-fattn.cu"])
+def test_ggml_cuda_glue_compiles(name, tmp_path):
+    if not cublas_include():
+        pytest.skip(f"cuBLAS headers not installed (looked in {', '.join(map(str, CUBLAS_CANDIDATES))}; "
+                    "PYDHSA_CUBLAS_INCLUDE names another folder); ggml-cuda's common.cuh needs them")
     tree = patched_tree(tmp_path)
-    result = nvcc(DHSA / "ggml-cuda-dhsa.cu", ["-use_fast_math", "-extended-lambda", "-DPYDHSA_CUDA"],
-                  tmp_path / "glue.o", includes=(tree / "ggml" / "include", tree / "ggml" / "src"))
+    result = nvcc(DHSA / name, ["-use_fast_math", "-extended-lambda", "-DPYDHSA_CUDA"], tmp_path / "glue.o",
+                  includes=(tree / "ggml" / "include", tree / "ggml" / "src", *cublas_include()))
     assert result.returncode == 0, result.stderr[-4000:]

@@ -142,3 +142,63 @@ def test_cuda_segment_cache_hits_give_the_same_selection(n_kv, heads, d):
     cpu = run_attention(Q, K, V, "dhsa", cfg, n_threads=4)
     assert warm.ranges == cpu.ranges, f"seed {SEED}"
     assert_close(warm.out, cpu.out, "warm cache vs CPU op")
+
+
+# The fattn route: upstream's sparse MMA flash attention fed with our index lists. Shapes cover every tile
+# ggml picks on NVIDIA (ncols2 = 1, 2, 4, 8 from the GQA group and K/V padding), odd ubatches, a ubatch
+# that is not at the end of the cache, and the head sizes 64/128/256.
+FATTN_CASES = [
+    # (n_q, n_kv, q_pos0 or None = at the end, heads, d, budget, boundary)
+    (512, 4096, None, (8, 4), 128, 0.3, "keysim"),      # GQA 2 -> tile 32 x 2
+    (513, 8192, None, (28, 4), 128, 0.1, "fixed"),      # GQA 7 (Qwen2-7B) -> tile 8 x 8, partial last tile
+    (100, 4099, None, (4, 1), 256, 0.3, "keysim"),      # unpadded K/V -> no GQA tiles: 64 x 1
+    (512, 8192, None, (16, 4), 64, 0.2, "keysim"),      # GQA 4 -> 16 x 4
+    (256, 6144, 2000, (8, 1), 64, 0.3, "fixed"),        # GQA 8, the ubatch in the middle of the cache
+    (512, 32768, None, (16, 8), 256, 0.1, "keysim"),
+]
+
+
+@pytest.mark.parametrize("n_q, n_kv, q_pos0, heads, d, budget, boundary", FATTN_CASES,
+                         ids=[f"q{c[0]}-kv{c[1]}-h{c[3][0]}x{c[3][1]}-d{c[4]}-b{c[5]}" for c in FATTN_CASES])
+def test_cuda_fattn_route_matches_reference_and_own_kernel(n_q, n_kv, q_pos0, heads, d, budget, boundary):
+    rng = np.random.default_rng([SEED, n_q, n_kv, *heads, d])
+    Q, K, V = random_f16_inputs(rng, n_q, n_kv, *heads, d)
+    cfg = DhsaConfig(budget=budget, boundary=boundary, min_context=0)
+    q_pos0 = n_kv - n_q if q_pos0 is None else q_pos0
+    fattn = run_attention(Q, K, V, "dhsa-fattn", cfg, q_pos0=q_pos0, device="cuda")  # raises if not taken
+    own = run_attention(Q, K, V, "dhsa-own", cfg, q_pos0=q_pos0, device="cuda")
+    assert fattn.ranges == own.ranges
+    if n_kv <= 8192:
+        expected_ranges = R.engine_select_ranges(Q, K.astype(np.float32), reference_params(cfg), q_pos0)
+        assert fattn.ranges == expected_ranges, f"seed {SEED}"
+        expected = R.sparse_attention(Q, K, V, expected_ranges, q_pos0, cfg.q_block, 1 / np.sqrt(d))
+        assert_close(fattn.out, expected, "fattn route vs float64 reference")
+    assert_close(fattn.out, own.out, "fattn route vs our kernel")
+
+
+def test_cuda_fattn_route_falls_back_when_a_list_overflows(monkeypatch):
+    """Lists longer than the host's bound are cut and flagged on the GPU; our kernel then recomputes the
+    node behind upstream's (PYDHSA_CUDA_FATTN_MAX_KEYS shrinks the bound to force that)."""
+    rng = np.random.default_rng([SEED, 7])
+    Q, K, V = random_f16_inputs(rng, 256, 4096, 8, 4, 128)
+    cfg = DhsaConfig(budget=0.3, min_context=0)
+    own = run_attention(Q, K, V, "dhsa-own", cfg, device="cuda")
+    monkeypatch.setenv("PYDHSA_CUDA_FATTN_MAX_KEYS", "300")
+    cut = run_attention(Q, K, V, "dhsa-fattn", cfg, device="cuda")
+    assert cut.ranges == own.ranges
+    assert_close(cut.out, own.out, "overflowed lists, recomputed by our kernel")
+
+
+def test_cuda_fattn_route_is_refused_where_it_does_not_apply():
+    """Soft-capping (no such instance upstream) and a ubatch too short for the wide tile keep our kernel;
+    the forced mode says so instead of silently running the other route."""
+    rng = np.random.default_rng([SEED, 8])
+    Q, K, V = random_f16_inputs(rng, 128, 4096, 8, 4, 128)
+    cfg = DhsaConfig(budget=0.3, min_context=0)
+    with pytest.raises(PydhsaError, match="does not apply"):
+        run_attention(Q, K, V, "dhsa-fattn", cfg, softcap=30.0, device="cuda")
+    with pytest.raises(PydhsaError, match="does not apply"):
+        run_attention(Q[:8], K, V, "dhsa-fattn", cfg, device="cuda")
+    auto = run_attention(Q, K, V, "dhsa", cfg, softcap=30.0, device="cuda")  # auto: our kernel, no error
+    own = run_attention(Q, K, V, "dhsa-own", cfg, softcap=30.0, device="cuda")
+    assert_close(auto.out, own.out, "auto with soft-capping")

@@ -124,7 +124,7 @@ extern "C" int32_t pydhsa_op_attention(int32_t mode, const pydhsa_dhsa_params * 
                                        int64_t n_ranges_ints,
                                        int64_t * n_ranges_out, double * elapsed_ms, pydhsa_error * err) {
     if (!q || !k || !v || (!out && mode != PYDHSA_OP_SELECT) || n_q < 1 || n_kv < 1 || n_head < 1 || n_head_kv < 1 || n_head % n_head_kv != 0 ||
-        d < 1 || q_pos0 < 0 || q_pos0 + n_q > n_kv || n_threads < 1 || n_repeat < 1 || mode < 0 || mode > 3 ||
+        d < 1 || q_pos0 < 0 || q_pos0 + n_q > n_kv || n_threads < 1 || n_repeat < 1 || mode < 0 || mode > 5 ||
         (mode != PYDHSA_OP_FLASH && !dhsa)) {
         return op_error(err, PYDHSA_ERR_ARGUMENT, "invalid arguments to pydhsa_op_attention");
     }
@@ -147,6 +147,13 @@ extern "C" int32_t pydhsa_op_attention(int32_t mode, const pydhsa_dhsa_params * 
         defaults = pydhsa_params_from_settings(s, true);
     }
     dhsa_runtime rt = make_runtime(dhsa ? *dhsa : defaults, dense_from);
+    // The forced CUDA routes are DHSA runs with the route recorded in the runtime.
+    const int32_t forced_route = mode == PYDHSA_OP_DHSA_OWN ? DHSA_CUDA_ATTN_OWN :
+                                 mode == PYDHSA_OP_DHSA_FATTN ? DHSA_CUDA_ATTN_FATTN : DHSA_CUDA_ATTN_AUTO;
+    if (forced_route != DHSA_CUDA_ATTN_AUTO) {
+        rt.cuda_attn_route = forced_route;
+        mode = PYDHSA_OP_DHSA;
+    }
 
     // Tensors are created without data and allocated in one buffer of the chosen backend.
     ggml_init_params ip = { 64 * ggml_tensor_overhead() + 2 * ggml_graph_overhead(), nullptr, true };
@@ -251,6 +258,12 @@ extern "C" int32_t pydhsa_op_attention(int32_t mode, const pydhsa_dhsa_params * 
         }
     }
     ggml_dhsa_runtime_release_cache(&rt);
+    if (forced_route == DHSA_CUDA_ATTN_FATTN && rt.cuda_fattn_runs == 0) {
+        return op_error(err, PYDHSA_ERR_ARGUMENT,
+                        "upstream's sparse flash attention does not apply to this configuration "
+                        "(CUDA, no soft-capping, head size 64/128/256, q_block a multiple of the tile width, "
+                        "no dense rows; native/dhsa/ggml-cuda-dhsa-fattn.cu)");
+    }
     if (elapsed_ms) {
         *elapsed_ms = median(times);
     }

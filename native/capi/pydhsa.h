@@ -252,7 +252,13 @@ PYDHSA_API int32_t pydhsa_session_dhsa_routes(const pydhsa_session * session, in
  * seen before; the last, incomplete segment is always recomputed). For the mask route, the
  * selection graph plus the flash-attention graph (the host's range-to-mask conversion is not counted).
  * The output and ranges are those of the last run. */
-typedef enum { PYDHSA_OP_DHSA = 0, PYDHSA_OP_FLASH = 1, PYDHSA_OP_MASK = 2, PYDHSA_OP_SELECT = 3 } pydhsa_op_mode;
+typedef enum {
+    PYDHSA_OP_DHSA = 0, PYDHSA_OP_FLASH = 1, PYDHSA_OP_MASK = 2, PYDHSA_OP_SELECT = 3,
+    /* DHSA with the CUDA attention route forced: our kernel (OWN), or upstream's sparse MMA flash attention
+     * fed with the selection (FATTN; PYDHSA_ERR_ARGUMENT when the configuration does not qualify, e.g. on
+     * the CPU or with soft-capping). PYDHSA_OP_DHSA picks per configuration. */
+    PYDHSA_OP_DHSA_OWN = 4, PYDHSA_OP_DHSA_FATTN = 5
+} pydhsa_op_mode;
 
 PYDHSA_API int32_t pydhsa_op_attention(int32_t mode, const pydhsa_dhsa_params * dhsa, int32_t dense_from,
                                        const float * q, const void * k, const void * v, int32_t kv_type,

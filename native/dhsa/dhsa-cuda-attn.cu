@@ -99,7 +99,13 @@ struct attn_params {
     float softcap_log2e;    // softcap * log2(e) (soft-capping kernels only)
     bool kv_aligned;        // every K/V row segment starts on 16 bytes: cp.async; else a scalar path
     bool mask_words;        // mask rows start on 4 bytes: keys (2k, 2k + 1) load as one 32-bit word
+    const int32_t * run_if; // non-NULL: every kernel returns at once unless *run_if != 0 (dhsa_cuda_attn_args)
 };
+
+// The run_if predicate of attn_params, read by every CTA before anything else.
+__device__ __forceinline__ bool skipped(const attn_params & p) {
+    return p.run_if != nullptr && *p.run_if == 0;
+}
 
 // The device code needs sm_80 (cp.async, mma m16n8k16 with f32 accumulators); builds for older
 // architectures get a kernel that traps (dhsa_cuda_attn_supported keeps it from being launched).
@@ -697,6 +703,9 @@ template <int D, int kKeyParts, bool kSoftcap, bool kSplit>
 __global__ void __launch_bounds__(attn_traits<D>::kMaxWarps * kWarpSize, 1)
 dhsa_attn_kernel(const attn_params p) {
 #ifndef DHSA_ATTN_NO_DEVICE_CODE
+    if (skipped(p)) {
+        return;
+    }
     using T = tile_shape<D>;
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ int cta_key_end;
@@ -914,6 +923,9 @@ __device__ __forceinline__ float merge_reduce(float x, float * red) {
 template <int D>
 __global__ void __launch_bounds__(kMergeThreads) dhsa_attn_merge_kernel(const attn_params p) {
 #ifndef DHSA_ATTN_NO_DEVICE_CODE
+    if (skipped(p)) {
+        return;
+    }
     constexpr int kCols   = D / 4;                  // float4 columns of a row
     constexpr int kGroups = kMergeThreads / kCols;  // threads per column
     __shared__ float weight[kSplitMaxParts];
@@ -981,6 +993,9 @@ constexpr int kMergeRowsWarps = 8;  // rows per CTA
 template <int D>
 __global__ void __launch_bounds__(kMergeRowsWarps * kWarpSize) dhsa_attn_merge_rows_kernel(const attn_params p) {
 #ifndef DHSA_ATTN_NO_DEVICE_CODE
+    if (skipped(p)) {
+        return;
+    }
     constexpr int kCols    = D / 4;                                  // float4 columns of a row
     constexpr int kPerLane = (kCols + kWarpSize - 1) / kWarpSize;    // 1 (d = 64: lanes 0..15), 1, 2
     const int lane = threadIdx.x % kWarpSize;
@@ -1257,6 +1272,7 @@ cudaError_t launch_attn(const dhsa_cuda_attn_args & a, cudaStream_t stream) {
     p.n_q = a.n_q;   p.n_kv = a.n_kv;   p.n_head = a.n_head;   p.n_head_kv = a.n_head_kv;
     p.q_block = a.q_block;
     p.group   = a.n_head / a.n_head_kv;
+    p.run_if  = a.run_if;
 
     // ggml's conventions: q is scaled before its f16 conversion; with soft-capping the scale is
     // scale / softcap and the score softcap * tanh(.). log2(e) goes into q (or the cap) for exp2.

@@ -63,6 +63,10 @@ struct dhsa_cuda_attn_args {
     float scale, softcap; // s = scale * q.k; softcap > 0: s = softcap * tanh(s / softcap); then + mask
     void * scratch;       // device scratch of dhsa_cuda_attn_scratch_size() bytes (partial results when the
                           // key walk of few-row blocks, e.g. decode, is split across CTAs)
+    // NULL, or device memory read by the kernels: they do nothing unless *run_if != 0. The upstream
+    // flash-attention route (ggml-cuda-dhsa-fattn.cu) launches this kernel behind it that way, as the
+    // fallback for index lists that overflowed their bound, without reading the flag on the host.
+    const int32_t * run_if;
 };
 
 // Head sizes and architectures the attention kernel is built for (d in {64, 128, 256}, cc >= 800).

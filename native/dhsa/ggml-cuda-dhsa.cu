@@ -109,6 +109,9 @@ void ggml_cuda_op_dhsa_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) 
     // back here would synchronise the stream once per layer.
     ggml_cuda_pool_alloc<char> scratch(ctx.pool(), std::max<size_t>(dhsa_cuda_attn_scratch_size(&a), 1));
     a.scratch = scratch.get();
+    if (ggml_cuda_dhsa_attn_via_fattn(ctx, dst, a)) {
+        return;
+    }
     CUDA_CHECK(dhsa_cuda_attn(&a, ctx.stream()));
 }
 

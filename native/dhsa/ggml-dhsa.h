@@ -65,6 +65,21 @@ struct dhsa_runtime {
     // set by the graph hook (llama-dhsa.cpp) each time it builds a layer's attention: an enum
     // dhsa_layer_route, so that the caller can say which layers ran DHSA and why the others did not
     int32_t layer_route[DHSA_MAX_LAYERS];
+    // Which CUDA attention kernel runs an eligible DHSA attention node (enum dhsa_cuda_attn_route): set by
+    // the caller; AUTO also honours the PYDHSA_CUDA_ATTN environment variable (ggml-cuda-dhsa-fattn.cu).
+    int32_t cuda_attn_route;
+    // Counted by the CUDA backend on the host: attention nodes that ran through upstream's sparse flash
+    // attention (so that a caller can tell which route ran without synchronising).
+    int64_t cuda_fattn_runs;
+};
+
+// The CUDA attention routes of a DHSA attention node: our block-sparse kernel, or upstream's MMA flash
+// attention kernel gathering the selected keys from index lists (ggml-cuda-dhsa-fattn.cu says which nodes
+// qualify). The CPU backend has one kernel and ignores this.
+enum dhsa_cuda_attn_route {
+    DHSA_CUDA_ATTN_AUTO = 0,   // upstream's sparse kernel where eligible, else ours
+    DHSA_CUDA_ATTN_OWN,        // always our kernel
+    DHSA_CUDA_ATTN_FATTN,      // upstream's sparse kernel where eligible (as AUTO, ignoring the environment)
 };
 
 // Why a layer's attention did or did not become DHSA (dhsa_runtime.layer_route; names in
