@@ -76,11 +76,12 @@ if has build; then
 fi
 python3 -c "from pydhsa.op import gpu_count; n = gpu_count(); print('pydhsa sees', n, 'GPU(s)'); raise SystemExit(n == 0)"
 
-# Each test file in its own process: a crash in one still leaves the other's results.
+# Each test file in its own process: a crash in one still leaves the other's results. --capture=sys: what the
+# engine writes to stderr (an abort's message) reaches the log even when the process dies.
 if has tests; then
     for t in test_op_cuda test_cuda_e2e; do
         stamp "tests/$t.py"
-        (cd /tmp && python3 -m pytest -q -rs -p no:cacheprovider "$OLDPWD/tests/$t.py" 2>&1) > "$out/$t.log" \
+        (cd /tmp && python3 -m pytest -q -rs --capture=sys -p no:cacheprovider "$OLDPWD/tests/$t.py" 2>&1) > "$out/$t.log" \
             || failed="$failed $t"
         tail -15 "$out/$t.log"
     done

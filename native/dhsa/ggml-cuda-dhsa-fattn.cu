@@ -37,7 +37,6 @@ namespace {
 
 constexpr int32_t kMagic        = 0x44485341;  // "DHSA" in op_params[5] of a node made here
 constexpr int     kListThreads  = 256;
-constexpr int     kListPad      = 256;         // -1 entries after a list: >= upstream's KV batch (nbatch_fa)
 constexpr int     kCopyThreads  = 256;
 
 // op_params of the FLASH_ATTN_EXT node made here: upstream's [0] scale, [1] max_bias, [2] softcap, [3] prec,
@@ -94,9 +93,10 @@ __global__ void __launch_bounds__(kListThreads) dhsa_fattn_lists_kernel(
         __syncthreads();  // range_* and scan_tmp are reused
     }
 
-    const int32_t count   = min(total, n_kv_max);
-    const int32_t pad_end = min(n_kv_max, max(kListPad, (count + kListPad - 1) / kListPad * kListPad));
-    for (int32_t t = count + threadIdx.x; t < pad_end; t += kListThreads) {
+    // -1 up to n_kv_max, as upstream's mask scan leaves its lists: the work of a list is split across CTAs
+    // by n_kv_max, and a CTA whose share starts past the list's end still runs one (fully masked) batch.
+    const int32_t count = min(total, n_kv_max);
+    for (int32_t t = count + threadIdx.x; t < n_kv_max; t += kListThreads) {
         list[t] = -1;
     }
     if (threadIdx.x == 0) {

@@ -26,7 +26,7 @@ static constexpr __host__ __device__ bool ggml_cuda_dhsa_fattn_sparse_shape(int 
 bool ggml_cuda_dhsa_fattn_lists_attached(const ggml_tensor * fa);
 
 // Writes the index lists of such a node in the layout upstream's kernel reads: list (sequence s, tile jt)
-// at indices + (s * n_tiles + jt) * n_kv_max, its length at counts[s * n_tiles + jt], -1 past the length up
-// to the kernel's last batch. Tiles are ncols1 queries.
+// at indices + (s * n_tiles + jt) * n_kv_max, its length at counts[s * n_tiles + jt], -1 past the length (up
+// to n_kv_max). Tiles are ncols1 queries.
 void ggml_cuda_dhsa_fattn_fill_lists(const ggml_tensor * fa, int ncols1, int32_t n_kv_max, int32_t * indices,
                                      int32_t * counts, cudaStream_t stream);
