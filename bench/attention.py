@@ -8,8 +8,8 @@ Every configuration runs the three modes of `pydhsa.op.run_attention` on the sam
 - mask:  our selection turned into a -inf mask for `ggml_flash_attn_ext` (the time includes the selection and
          the C++ mask build; dense flash attention over a sparse mask).
 - dhsa-own / dhsa-fattn (GPU): the dhsa op with its attention forced through our kernel, or through upstream's
-         sparse MMA flash attention fed with the selection's index lists ("dhsa" picks one per configuration;
-         a configuration the fattn route does not cover shows "-").
+         sparse MMA flash attention fed with the selection's index lists ("dhsa" takes the engine's default,
+         our kernel; a configuration the fattn route does not cover shows "-").
 
 The queries are one ubatch at the end of the keys (q_pos0 = n_kv - n_q: the last ubatch of a prefill). Inputs
 are random float16 with structure: keys follow piecewise-drifting means (segments of 16-128 keys whose mean

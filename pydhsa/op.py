@@ -4,9 +4,9 @@
 
 Q: [n_q, H, d] float32; K, V: [n_kv, H_kv, d] float16 or float32, stored as given, or float32 stored in a
 quantised or bfloat16 cache with kv_type="q8_0" / "bf16" (what the op then reads is cache_values(K, kv_type)).
-mode: "dhsa" (our select + attn ops; on a GPU the attention runs through our kernel or upstream's sparse
-flash attention, whichever the engine picks for the configuration; "dhsa-own" / "dhsa-fattn" force one,
-and "dhsa-fattn" raises when the configuration does not qualify),
+mode: "dhsa" (our select + attn ops; on a GPU the attention runs through our kernel, or through upstream's
+sparse flash attention fed with the selection when PYDHSA_CUDA_ATTN=fattn; "dhsa-own" / "dhsa-fattn" force
+one, and "dhsa-fattn" raises when the configuration does not qualify),
 "flash" (upstream ggml_flash_attn_ext, dense) or "mask" (our selection as a -inf mask for flash
 attention: the route upstream takes for sparse attention) or "select" (the selection alone, for timing it;
 the output is not written). Returns the output [n_q, H, d] float32 and,

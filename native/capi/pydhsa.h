@@ -256,7 +256,8 @@ typedef enum {
     PYDHSA_OP_DHSA = 0, PYDHSA_OP_FLASH = 1, PYDHSA_OP_MASK = 2, PYDHSA_OP_SELECT = 3,
     /* DHSA with the CUDA attention route forced: our kernel (OWN), or upstream's sparse MMA flash attention
      * fed with the selection (FATTN; PYDHSA_ERR_ARGUMENT when the configuration does not qualify, e.g. on
-     * the CPU or with soft-capping). PYDHSA_OP_DHSA picks per configuration. */
+     * the CPU or with soft-capping). PYDHSA_OP_DHSA takes the engine's default: our kernel, unless the
+     * environment's PYDHSA_CUDA_ATTN says fattn (native/dhsa/ggml-cuda-dhsa-fattn.cu). */
     PYDHSA_OP_DHSA_OWN = 4, PYDHSA_OP_DHSA_FATTN = 5
 } pydhsa_op_mode;
 

@@ -1,5 +1,7 @@
 // The fattn route of a DHSA attention node: upstream's sparse MMA flash attention kernel (the one
-// DeepSeek's top-k attention uses) computes attention over exactly the keys DHSA selected.
+// DeepSeek's top-k attention uses) computes attention over exactly the keys DHSA selected. Opt-in
+// (PYDHSA_CUDA_ATTN=fattn, or the runtime's cuda_attn_route): measured slower than our kernel (see
+// ggml_cuda_dhsa_attn_via_fattn).
 //
 // How: the node becomes a FLASH_ATTN_EXT node on the stack whose "sequences" are the KV heads (Q viewed as
 // [d, n_q, G, H_kv], K/V as [d, n_kv, 1, H_kv], the causal mask broadcast), so that upstream's one index
@@ -257,7 +259,12 @@ void ggml_cuda_dhsa_fattn_fill_lists(const ggml_tensor * fa, int ncols1, int32_t
 
 bool ggml_cuda_dhsa_attn_via_fattn(ggml_backend_cuda_context & ctx, ggml_tensor * dst, dhsa_cuda_attn_args own) {
     const dhsa_op_params op = dhsa_read_op_params(dst);
-    if (requested_route(op.rt) == DHSA_CUDA_ATTN_OWN) {
+    // AUTO keeps our kernel: on an H200 it was faster than this route in every configuration measured (512
+    // queries, 32K-128K keys, d 128/256, 8/4, 16/8 and 28/4 heads, budgets 0.1/0.3: this route took 1.0x to
+    // 1.3x our kernel's time; whole prefills of Gemma3-1B- and Qwen2-7B-shaped models equal within noise;
+    // bench/results/cuda-h200-fattn/). Upstream's sparse kernel loads K/V in one stage (no cp.async
+    // pipeline) and gathers the mask element by element; ours pipelines both.
+    if (requested_route(op.rt) != DHSA_CUDA_ATTN_FATTN) {
         return false;
     }
     fattn_node n;

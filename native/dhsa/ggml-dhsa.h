@@ -77,9 +77,9 @@ struct dhsa_runtime {
 // attention kernel gathering the selected keys from index lists (ggml-cuda-dhsa-fattn.cu says which nodes
 // qualify). The CPU backend has one kernel and ignores this.
 enum dhsa_cuda_attn_route {
-    DHSA_CUDA_ATTN_AUTO = 0,   // upstream's sparse kernel where eligible, else ours
+    DHSA_CUDA_ATTN_AUTO = 0,   // the environment's PYDHSA_CUDA_ATTN, else the route measured faster: ours
     DHSA_CUDA_ATTN_OWN,        // always our kernel
-    DHSA_CUDA_ATTN_FATTN,      // upstream's sparse kernel where eligible (as AUTO, ignoring the environment)
+    DHSA_CUDA_ATTN_FATTN,      // upstream's sparse kernel where the node qualifies, else ours
 };
 
 // Why a layer's attention did or did not become DHSA (dhsa_runtime.layer_route; names in
