@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +111,8 @@ class Scores:
     sparse: List[np.ndarray] = field(default_factory=list)
     nll_sum: float = 0.0  # running totals for the progress line's PPL so far
     count: int = 0
+    pairs_computed: int = 0  # query-key pairs the DHSA kernel computed, and the causal ones, over all batches
+    pairs_causal: int = 0
 
     def add(self, batch: Dict[str, np.ndarray], ran_sparse: np.ndarray) -> None:
         for key, values in batch.items():
@@ -117,6 +120,10 @@ class Scores:
         self.sparse.append(ran_sparse)
         self.nll_sum += float(batch["nll"].sum())
         self.count += len(batch["nll"])
+
+    def density(self) -> Optional[float]:
+        """Computed / causal query-key pairs of the DHSA layers (None: no DHSA layer ran)."""
+        return self.pairs_computed / self.pairs_causal if self.pairs_causal else None
 
     def ppl_so_far(self) -> float:
         return math.exp(self.nll_sum / self.count) if self.count else float("nan")
@@ -149,7 +156,10 @@ def score_window(window: List[int], test, base, batch: int, scores: Scores, min_
         base_logits = base.eval_logits(chunk) if base is not None else None
         targets = np.asarray(window[b0 + 1:b0 + 1 + len(chunk)], dtype=np.int64)
         n = len(targets)  # the window's last position has no target
-        skipped = (after[0] - before[0]) < (after[1] - before[1])
+        computed, causal = after[0] - before[0], after[1] - before[1]
+        scores.pairs_computed += int(computed)
+        scores.pairs_causal += int(causal)
+        skipped = computed < causal
         ran_sparse = skipped & (np.arange(b0, b0 + n) + 1 >= min_context)
         scores.add(score_batch(test_logits[:n], targets, base_logits[:n] if base_logits is not None else None),
                    ran_sparse)
@@ -197,24 +207,29 @@ def run(args) -> int:
                     base.close()
         values, sparse = scores.arrays()
         result = {"all": summarize(values, np.ones_like(sparse)), "sparse": summarize(values, sparse)}
-    print_report(result, args.kl_divergence)
+    print_report(result, args.kl_divergence, scores.density())
     if args.json:
         headline = result["sparse"] or {}
         doc = {"kld_mean": headline.get("kld_mean"), "top1_agree": headline.get("top1_agree"),
-               "ppl": result["all"]["ppl"], **result,
+               "ppl": result["all"]["ppl"], "density": scores.density(), **result,
                "settings": {"model": str(model_path), "ctx_size": args.ctx_size, "batch_size": args.batch_size,
                             "windows": len(wins), "text": str(args.file), "dhsa": None if dhsa is None else dhsa.as_dict(),
                             "kl_divergence": args.kl_divergence, "type_k": args.cache_type_k,
                             "type_v": args.cache_type_v, "threads": args.threads},
                "meta": collect_meta()}
-        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+        out = Path(args.json)
+        tmp = out.with_name(out.name + ".tmp")  # renamed into place: a file there is always complete
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        os.replace(tmp, out)
     return 0
 
 
-def print_report(result: Dict[str, Optional[Dict[str, float]]], kld: bool) -> None:
+def print_report(result: Dict[str, Optional[Dict[str, float]]], kld: bool, density: Optional[float] = None) -> None:
     """llama-perplexity's final lines, for all positions and for those that ran sparse (95% intervals)."""
     a = result["all"]
     print(f"Final estimate: PPL = {a['ppl']:.4f} +/- {a['ppl_ci95']:.4f} (95% CI, {a['positions']} positions)")
+    if density is not None:
+        print(f"DHSA density: {density:.4f} of the causal query-key pairs of the DHSA layers")
     if not kld:
         return
     rows = [("positions", "positions", "{:.0f}"), ("PPL", "ppl", "{:.4f}"), ("PPL (dense)", "ppl_dense", "{:.4f}"),
@@ -252,6 +267,7 @@ def add_arguments(p) -> None:
                         "distributions (dense || tested) and top-token agreement")
     p.add_argument("--json", metavar="FILE",
                    help="write the result as JSON: kld_mean and top1_agree (positions that ran sparse), ppl (all), "
+                        "density (computed / causal query-key pairs of the DHSA layers, null for dense), "
                         "'all' and 'sparse' (positions, ppl, ppl_ci95, ppl_dense, kld_mean, kld_mean_ci95, kld_median, "
                         "kld_p99, kld_max, top1_agree, top1_agree_ci95; null when no position ran sparse), settings, "
                         "meta (machine, versions)")

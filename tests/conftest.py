@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# DHSA settings whose selection is every causal key, through the DHSA kernel: the local window covers the whole
+# context, so each block's forced range is [0, pe + 1). (Budget 1 does not do this: it is upstream's own dense
+# attention.) Tests use it to check the kernel against dense attention on a real model.
+DENSE_RANGES = dict(local_tokens=1 << 24)
 # The shared data sits beside the repository; the installed package cannot know where that is.
 os.environ.setdefault("PYDHSA_HAYSTACK_DIR", str(REPO_ROOT.parent / "shared" / "data" / "niah" / "haystack"))
 

@@ -1,13 +1,14 @@
 """DHSA on architectures other than Gemma, end to end on random-weight GGUFs (tests/random_gguf.py):
 llama (32/8 heads, d 128) and qwen2 (14/2 heads, d 64, Q/K/V biases). Every layer is global there, so
-DHSA takes all of them. Budget 1 must give dense's greedy tokens, DHSA settings that apply to no layer
-must leave the logits bit-identical to dense (upstream), and the routes must say what ran and why."""
+DHSA takes all of them. Dense ranges through the DHSA kernel must give dense's greedy tokens, DHSA settings
+that apply to no layer must leave the logits bit-identical to dense (upstream), and the routes must say what
+ran and why."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import DENSE_RANGES, run_cli
 from pydhsa import Model
 from pydhsa.dhsa_params import DhsaConfig
 from random_gguf import write_random_model
@@ -40,10 +41,10 @@ def run(model, tokens, dhsa=None, n_generate=12, **session_kw):
         return logits, text, s.dhsa_density(), s.dhsa_routes()
 
 
-def test_every_layer_takes_dhsa_and_budget_one_is_dense(arch_model, prompt):
+def test_every_layer_takes_dhsa_and_dense_ranges_are_dense(arch_model, prompt):
     arch, _, model = arch_model
     dense_logits, dense_text, _, _ = run(model, prompt)
-    logits, text, density, routes = run(model, prompt, DhsaConfig(budget=1.0))
+    logits, text, density, routes = run(model, prompt, DhsaConfig(**DENSE_RANGES))
     assert routes == {il: "dhsa" for il in range(model.info.n_layer)}
     assert sorted(density.per_layer) == list(range(model.info.n_layer))
     assert density.overall == pytest.approx(1.0)
@@ -73,7 +74,7 @@ def test_dhsa_off_is_bit_identical_to_dense(arch_model, prompt):
 def test_quantised_cache_runs_dhsa_and_matches_dense_on_that_cache(arch_model, prompt, cache):
     _, _, model = arch_model
     dense_logits, dense_text, _, _ = run(model, prompt, type_k=cache, type_v=cache)
-    logits, text, density, routes = run(model, prompt, DhsaConfig(budget=1.0), type_k=cache, type_v=cache)
+    logits, text, density, routes = run(model, prompt, DhsaConfig(**DENSE_RANGES), type_k=cache, type_v=cache)
     assert set(routes.values()) == {"dhsa"}
     assert density.overall == pytest.approx(1.0)
     assert text == dense_text

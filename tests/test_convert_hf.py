@@ -234,14 +234,15 @@ def test_logits_match_transformers(checkpoints, converted, arch, outtype):
 
 @pytest.mark.parametrize("layers", ["global", "all"])
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
-def test_dhsa_budget_one_matches_transformers(checkpoints, converted, arch, layers):
-    """DHSA at budget 1 through the engine's DHSA kernel (soft-capping included for Gemma 2, the
-    sliding window kept exact by the mask with layers=all) equals transformers' dense attention."""
+def test_dhsa_dense_ranges_match_transformers(checkpoints, converted, arch, layers):
+    """Dense ranges through the engine's DHSA kernel (soft-capping included for Gemma 2, the sliding window
+    kept exact by the mask with layers=all) equal transformers' dense attention."""
+    from conftest import DENSE_RANGES
     from pydhsa import Model
     from pydhsa.dhsa_params import DhsaConfig
 
     ck = checkpoints[arch]
-    cfg = DhsaConfig(budget=1.0, min_context=0, layers=layers, dense_tail=0)
+    cfg = DhsaConfig(min_context=0, layers=layers, dense_tail=0, **DENSE_RANGES)
     with Model(converted(arch, "f32")) as m:
         with m.session(n_ctx=256, n_threads=2, dhsa=cfg) as s:
             s.prefill(ck["ids"])

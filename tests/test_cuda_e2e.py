@@ -4,7 +4,8 @@ The models are made here (transformers + our converter, as tests/test_convert_hf
 so the DHSA CUDA kernels run in their global layers (the real Gemma 3 270M cannot travel to the GPU
 machine). A 1500-token prompt of random token ids makes selection sparse with the default chunk sizes.
 
-- Budget 1 on the GPU gives the same greedy tokens as upstream's dense CUDA flash attention.
+- Dense ranges through the DHSA CUDA kernel (a local window over every key; budget 1 is upstream's own
+  attention) give the same greedy tokens as upstream's dense CUDA flash attention.
 - Budget 0.3 on the GPU gives the same greedy tokens as budget 0.3 on the CPU, through either CUDA attention
   route (our kernel, or upstream's sparse flash attention fed with the selection). The logits agree to the
   backends' arithmetic at most steps (median step within 2e-2 of their scale), but not at every step: the
@@ -23,6 +24,7 @@ import torch
 import transformers
 
 from convert.hf_gemma import convert_hf
+from conftest import DENSE_RANGES
 from pydhsa import Model
 from pydhsa.dhsa_params import DhsaConfig
 from pydhsa.op import gpu_count
@@ -109,10 +111,10 @@ def assert_same_tokens_and_close(got: np.ndarray, want: np.ndarray, what: str,
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
-def test_gpu_budget_one_gives_dense_tokens(models, arch):
+def test_gpu_dense_ranges_give_dense_tokens(models, arch):
     dense = run(models[arch], 99, None)
-    ours = run(models[arch], 99, DhsaConfig(budget=1.0, min_context=0, dense_tail=0))
-    assert_same_tokens_and_close(ours, dense, f"{arch} GPU budget 1 vs dense")
+    ours = run(models[arch], 99, DhsaConfig(min_context=0, dense_tail=0, **DENSE_RANGES))
+    assert_same_tokens_and_close(ours, dense, f"{arch} GPU dense ranges vs dense")
 
 
 # Gemma 3's global layers can take either CUDA attention route (PYDHSA_CUDA_ATTN forces one; the prompt's

@@ -8,6 +8,8 @@ import pytest
 from pydhsa import niah
 from pydhsa.dhsa_params import DhsaConfig
 
+from conftest import DENSE_RANGES
+
 pytestmark = pytest.mark.model
 
 
@@ -25,10 +27,21 @@ def prefill_then_generate(model, tokens, dhsa, n_generate, flash_attn=None):
     return logits, text, density
 
 
-def test_budget_one_is_dense(model, prompt_4k):
+def test_budget_one_is_upstream_bit_for_bit(model, prompt_4k):
+    """Budget 1 selects every key, so the graph keeps upstream's flash attention: the logits are the dense
+    session's exactly, and no DHSA kernel ran."""
+    tokens = model.tokenize(prompt_4k.text)
+    dense_logits, dense_text, _ = prefill_then_generate(model, tokens, None, 16)
+    logits, text, density = prefill_then_generate(model, tokens, DhsaConfig(budget=1.0), 16)
+    assert density.overall is None
+    np.testing.assert_array_equal(logits, dense_logits)
+    assert text == dense_text
+
+
+def test_dense_ranges_through_the_kernel_are_dense(model, prompt_4k):
     tokens = model.tokenize(prompt_4k.text)
     dense_logits, dense_text, _ = prefill_then_generate(model, tokens, None, 64)
-    dhsa_logits, dhsa_text, density = prefill_then_generate(model, tokens, DhsaConfig(budget=1.0), 64)
+    dhsa_logits, dhsa_text, density = prefill_then_generate(model, tokens, DhsaConfig(**DENSE_RANGES), 64)
     assert density.overall == pytest.approx(1.0)  # the DHSA kernel ran, on every causal pair
     assert sorted(density.per_layer) == [5, 11, 17]  # the global layers
     assert dhsa_text == dense_text

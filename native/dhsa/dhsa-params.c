@@ -20,7 +20,8 @@
 
 static const struct dhsa_param_def k_params[DHSA_PARAM_COUNT] = {
     [DHSA_PARAM_BUDGET] = {"budget", DHSA_PARAM_FLOAT, 0.3, 0.0, 1.0, NULL, 0, NULL,
-                           "fraction of the causal keys each query block attends to, 0 < B <= 1 (1 = dense)"},
+                           "fraction of the causal keys each query block attends to, 0 < B <= 1 (1 = dense: upstream's own "
+                           "flash attention)"},
     [DHSA_PARAM_BOUNDARY] = {"boundary", DHSA_PARAM_CHOICE, 0, 0, 2, "keysim,fixed,learned", 2, NULL,
                              "key chunk boundary method: keysim (training-free key similarity), fixed "
                              "(every chunk_avg tokens), learned (not implemented yet)"},

@@ -165,8 +165,11 @@ ggml_tensor * llama_dhsa_build_attn(const llm_graph_context & g, ggml_tensor * q
     if (il >= 0 && il < DHSA_MAX_LAYERS) {
         rt->layer_route[il] = route;
     }
-    // Enough keys for selection to pay off (a transient reason: not recorded as the layer's route).
-    if (route != DHSA_ROUTE_DHSA || k->ne[1] < rt->min_context) {
+    // Enough keys for selection to pay off, and a budget that skips something (transient reasons: not
+    // recorded as the layer's route). Budget 1 is dense attention, so it is upstream's own flash attention,
+    // bit for bit (dense ranges through our kernel would round differently; tests that check the kernel on
+    // dense ranges get them from a local window covering every key instead).
+    if (route != DHSA_ROUTE_DHSA || k->ne[1] < rt->min_context || rt->budget >= 1.0) {
         return nullptr;
     }
     const float softcap = g.hparams.attn_soft_cap ? g.hparams.f_attn_logit_softcapping : 0.0f;
