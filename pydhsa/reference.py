@@ -1,4 +1,4 @@
-"""NumPy oracle for DHSA (docs/DHSA.md): one layer, one sequence.
+"""NumPy oracle for DHSA (native/dhsa/ALGORITHM.md): one layer, one sequence.
 
 Every backend (the C selection in native/dhsa/dhsa-select.c, the CUDA and Metal kernels) must compute
 the function defined here; native/dhsa/ALGORITHM.md states the same rules as a contract.
@@ -145,7 +145,7 @@ def keysim_scores(K: np.ndarray, t0: int, t1: int, window: int = 4) -> np.ndarra
 
 def keysim_boundaries(K: np.ndarray, chunk_min: int, chunk_max: int, chunk_avg: int, window: int = 4,
                       frozen: Optional[Sequence[int]] = None) -> np.ndarray:
-    """Training-free content boundaries (DHSA.md step 1, `keysim`).
+    """Training-free content boundaries (ALGORITHM.md step 1, `keysim`).
 
     Region = [r0, n_kv), r0 = last frozen boundary (0 if none). Within it:
       * candidates t, r0 < t < n_kv, ranked by (score descending, t ascending);
@@ -226,7 +226,7 @@ def boundaries(K: np.ndarray, params: DhsaParams, frozen: Optional[Sequence[int]
 def chunk_representations(K: np.ndarray, bounds: Sequence[int]) -> np.ndarray:
     """Kc[c] = sqrt(len_c) * mean_{j in c} K[j] = (sum_j K[j]) / sqrt(len_c), per KV head.
 
-    The sqrt(len) factor keeps long and short chunks comparable (DHSA.md step 2). float32:
+    The sqrt(len) factor keeps long and short chunks comparable (ALGORITHM.md step 2). float32:
     sum over the chunk's keys in increasing position starting from 0, then one division by
     sqrt(float(len)) (both correctly rounded, so backends agree). Returns [Nc, H_kv, d] float32.
     """

@@ -105,7 +105,7 @@ def test_selection_state_follows_the_cache(model, prompt_4k):
 @pytest.mark.parametrize("decode", ["dense", "sparse"])
 def test_decode_mode(model, prompt_4k, decode):
     """decode=dense (the default) hands generated tokens to upstream flash attention: the DHSA kernel's
-    pair counters stop at the prefill's. decode=sparse selects for them too (DHSA.md's decode), so the
+    pair counters stop at the prefill's. decode=sparse selects for them too (the paper's decode, ALGORITHM.md), so the
     counters move, and they stay below dense."""
     tokens = model.tokenize(prompt_4k.text)[:1500]
     cfg = DhsaConfig(budget=0.3, min_context=0, dense_tail=0, decode=decode)

@@ -1,4 +1,4 @@
-"""Behaviour of the NumPy oracle pydhsa/reference.py (docs/DHSA.md, native/dhsa/ALGORITHM.md)."""
+"""Behaviour of the NumPy oracle pydhsa/reference.py (native/dhsa/ALGORITHM.md)."""
 
 from __future__ import annotations
 

@@ -82,7 +82,7 @@ typedef struct {
     int32_t min_context;  /* fewer cached keys than this: dense */
     bool all_layers;      /* false: global-attention layers only */
     bool sparse_decode;   /* false (default): generated tokens attend densely through upstream flash attention;
-                           * true: they select chunks like any query (DHSA.md "Prefill versus decode") */
+                           * true: they select chunks like any query (ALGORITHM.md, "Prefill and decode") */
 } pydhsa_dhsa_params;
 
 /* The DHSA parameter table, the one definition of every parameter (native/dhsa/dhsa-params.h), from

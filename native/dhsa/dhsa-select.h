@@ -72,7 +72,7 @@ typedef struct {
     int64_t nb_head;  /* stride between heads, in elements */
 } dhsa_tensor;
 
-/* The spec's defaults (budget 0.3, keysim, 16/128/32, w 4, q_block 64, sink 128, local 128, no dense tail). */
+/* The defaults of native/dhsa/ALGORITHM.md (budget 0.3, keysim, 16/128/32, w 4, q_block 64, sink 128, local 128, no dense tail). */
 void dhsa_params_default(dhsa_params * p);
 
 /* DHSA_OK if the parameters are usable. */

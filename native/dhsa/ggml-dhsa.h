@@ -29,12 +29,12 @@ extern "C" {
 #define DHSA_MAX_LAYERS 512
 
 // Keys are chunked in aligned segments of this many cache cells; boundaries inside a complete segment
-// therefore never move when more keys arrive (the spec's "boundaries of keys already in the cache never
+// therefore never move when more keys arrive (ALGORITHM.md: "boundaries of keys already in the cache never
 // move"), and the last, incomplete segment is the open tail that is re-chunked as it grows.
 #define DHSA_SEGMENT 512
 
 struct dhsa_runtime {
-    // DHSA.md parameters (validated by the caller)
+    // ALGORITHM.md parameters (validated by the caller)
     double  budget;       // 0 < budget; >= 1 dense
     int32_t boundary;     // 0 keysim, 1 fixed
     int32_t chunk_min, chunk_max, chunk_avg;
