@@ -169,7 +169,7 @@ class Model:
         while True:
             tokens = ffi.new("int32_t[]", capacity)
             status = self._lib.pydhsa_tokenize(self._handle(), data, len(data), add_special, tokens, capacity, n_out, err)
-            if status == 7:  # buffer too small: retry with the size the library asked for
+            if status == self._lib.PYDHSA_ERR_BUFFER:  # too small: retry with the size the library asked for
                 capacity = n_out[0]
                 continue
             _check(self._lib, status, err)
@@ -184,7 +184,7 @@ class Model:
         while True:
             buf = ffi.new("char[]", capacity)
             status = self._lib.pydhsa_detokenize(self._handle(), arr, len(tokens), buf, capacity, n_out, err)
-            if status == 7:
+            if status == self._lib.PYDHSA_ERR_BUFFER:
                 capacity = n_out[0] + 1
                 continue
             _check(self._lib, status, err)
@@ -204,7 +204,7 @@ class Model:
             buf = ffi.new("char[]", capacity)
             status = self._lib.pydhsa_chat_apply(self._handle(), role_arr, content_arr, len(messages),
                                                  bool(add_assistant), buf, capacity, n_out, err)
-            if status == 7:
+            if status == self._lib.PYDHSA_ERR_BUFFER:
                 capacity = n_out[0] + 1
                 continue
             _check(self._lib, status, err)

@@ -109,7 +109,6 @@ def test_decode_mode(model, prompt_4k, decode):
     counters move, and they stay below dense."""
     tokens = model.tokenize(prompt_4k.text)[:1500]
     cfg = DhsaConfig(budget=0.3, min_context=0, dense_tail=0, decode=decode)
-    assert DhsaConfig().decode == "dense"
     with model.session(n_ctx=2048, n_batch=512, dhsa=cfg) as session:
         session.prefill(tokens)
         after_prefill = session.dhsa_density().per_layer

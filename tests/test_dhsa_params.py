@@ -360,3 +360,13 @@ def test_reference_defaults_are_the_table_defaults():
     r, c = DhsaParams(), DhsaConfig()
     assert all(getattr(r, n) == getattr(c, n) for n in ("budget", "boundary", "chunk_min", "chunk_max", "chunk_avg",
                                                         "q_block", "sink_tokens", "local_tokens", "dense_tail"))
+
+
+def test_python_copies_of_the_engine_constants_match_it():
+    """Python keeps a few of the engine's fixed constants (the oracle mirrors the engine's segmenting, the op
+    runner sizes buffers); they must equal the C definitions (ggml-dhsa.h, dhsa-select.h)."""
+    from pydhsa import _native, op, reference
+    lib = _native.load()
+    assert lib.pydhsa_engine_constant(b"segment") == op.DHSA_SEGMENT == reference.ENGINE_SEGMENT
+    assert lib.pydhsa_engine_constant(b"keysim_window") == reference.DhsaParams().window
+    assert lib.pydhsa_engine_constant(b"no such constant") == -1

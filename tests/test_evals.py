@@ -23,7 +23,6 @@ def fake_count(text: str) -> int:
 
 HAYSTACK = Path(os.environ.get("PYDHSA_HAYSTACK_DIR") or
                 Path(__file__).resolve().parents[2] / "shared" / "data" / "niah" / "haystack")
-needs_haystack = pytest.mark.skipif(not any(HAYSTACK.glob("*.txt")), reason=f"no haystack at {HAYSTACK}")
 
 
 class FakeRunner:
@@ -186,7 +185,6 @@ def _counting_specs(specs):
     return specs, builds
 
 
-@needs_haystack
 def test_run_grid_builds_each_prompt_once_and_scores(tmp_path):
     specs, builds = _counting_specs(evals.niah_specs([400, 600], [0.0, 0.5, 1.0], haystack_dir=HAYSTACK))
     methods = parse_methods("dense,dhsa:0.3,fixed:0.3")
@@ -210,7 +208,6 @@ def test_run_grid_builds_each_prompt_once_and_scores(tmp_path):
     assert r["expected"] == [niah.NEEDLES[[n.name for n in niah.NEEDLES].index(r["needle"])].expected]
 
 
-@needs_haystack
 def test_resume_after_interruption_skips_finished_cases(tmp_path):
     path = tmp_path / "cases.jsonl"
     methods = parse_methods("dense,dhsa:0.3")
@@ -240,7 +237,6 @@ def test_resume_after_interruption_skips_finished_cases(tmp_path):
     assert [c[1] for c in fourth.calls] == ["dhsa@0.3"] * 4
 
 
-@needs_haystack
 def test_failed_cases_are_recorded_and_retried(tmp_path):
     path = tmp_path / "cases.jsonl"
     methods = parse_methods("dense,fixed:0.5")
@@ -347,7 +343,6 @@ def test_ruler_plots_written(tmp_path):
 # RULER generators
 
 
-@needs_haystack
 @pytest.mark.parametrize("task", evals.RULER_TASKS)
 def test_ruler_generator_deterministic_and_length(task):
     a = evals.ruler_sample(task, fake_count, 2000, seed=7, sample=1, haystack_dir=HAYSTACK)
@@ -364,7 +359,6 @@ def test_ruler_generator_deterministic_and_length(task):
             assert s.text.count(sentence) == 1
 
 
-@needs_haystack
 def test_ruler_multikey_answer():
     s = evals.ruler_sample("multikey", fake_count, 1500, seed=1, haystack_dir=HAYSTACK, n_keys=5)
     pairs = dict(re.match(r"One of the special magic numbers for (\S+) is: (\d+)\.$", x).groups() for x in s.inserts)
@@ -374,7 +368,6 @@ def test_ruler_multikey_answer():
     assert s.text.endswith(f"Answer: The special magic number for {asked} mentioned in the provided text is")
 
 
-@needs_haystack
 def test_ruler_multivalue_answer():
     s = evals.ruler_sample("multivalue", fake_count, 1500, seed=2, haystack_dir=HAYSTACK, n_values=3)
     found = [re.match(r"One of the special magic numbers for (\S+) is: (\d+)\.$", x).groups() for x in s.inserts]
@@ -383,7 +376,6 @@ def test_ruler_multivalue_answer():
     assert f"all the special magic numbers for {found[0][0]}" in s.text
 
 
-@needs_haystack
 def test_ruler_vartrack_answer_and_chain_order():
     s = evals.ruler_sample("vartrack", fake_count, 3000, seed=5, haystack_dir=HAYSTACK, n_hops=3, n_chains=2)
     assert len(s.inserts) == 8
@@ -473,7 +465,6 @@ def test_speed_summary_medians():
     assert "prefill_speedup" not in next(r for r in rows if r["method"] == "dense")
 
 
-@needs_haystack
 @pytest.mark.parametrize("suite", ["niah", "ruler"])
 def test_suite_driver_quick_with_a_fake_runner(tmp_path, suite):
     p = argparse.ArgumentParser()
@@ -511,7 +502,6 @@ def test_cli_has_the_eval_commands():
 
 
 @pytest.mark.model
-@needs_haystack
 def test_tiny_real_niah_run(model_path, tmp_path):
     """A 200-token NIAH grid on the real model, dense and DHSA (min_context 0 so that it engages)."""
     p = argparse.ArgumentParser()

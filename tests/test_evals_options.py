@@ -15,7 +15,6 @@ from pydhsa.evals import Method
 
 HAYSTACK = Path(os.environ.get("PYDHSA_HAYSTACK_DIR") or
                 Path(__file__).resolve().parents[2] / "shared" / "data" / "niah" / "haystack")
-needs_haystack = pytest.mark.skipif(not any(HAYSTACK.glob("*.txt")), reason=f"no haystack at {HAYSTACK}")
 
 TEMPLATE = "{% chatml %}"
 
@@ -221,7 +220,6 @@ def test_tokenize_prompt_wraps_with_as_chat_and_keeps_one_bos(fake_model):
     assert toks.count(model.vocab["<s>"]) == 1
 
 
-@needs_haystack
 @pytest.mark.parametrize("suite", ["niah", "ruler"])
 def test_chat_runs_are_recorded_and_stored_apart(fake_model, tmp_path, suite):
     out = tmp_path / "out"

@@ -9,6 +9,7 @@
 #include "pydhsa-settings.h"
 
 #include "ggml-cpu-dhsa.h"
+#include "dhsa-select.h"
 #include "ggml-dhsa.h"
 #include "llama-dhsa.h"
 #include "llama.h"
@@ -485,6 +486,16 @@ static int32_t check_dhsa_params(const pydhsa_dhsa_params & d, pydhsa_error * er
 
 int32_t pydhsa_dhsa_param_count(void) {
     return DHSA_PARAM_COUNT;
+}
+
+int32_t pydhsa_engine_constant(const char * name) {
+    if (name != nullptr && strcmp(name, "segment") == 0) {
+        return DHSA_SEGMENT;
+    }
+    if (name != nullptr && strcmp(name, "keysim_window") == 0) {
+        return DHSA_KEYSIM_WINDOW;
+    }
+    return -1;
 }
 
 int32_t pydhsa_dhsa_param_info(int32_t index, pydhsa_param_info * out) {

@@ -100,6 +100,9 @@ typedef struct {
 } pydhsa_param_info;
 
 PYDHSA_API int32_t pydhsa_dhsa_param_count(void);
+/* The engine's fixed selection constants, for the copies Python code keeps (tests compare them):
+ * "segment" (DHSA_SEGMENT, keys per frozen segment), "keysim_window" (DHSA_KEYSIM_WINDOW); -1 if unknown. */
+PYDHSA_API int32_t pydhsa_engine_constant(const char * name);
 PYDHSA_API int32_t pydhsa_dhsa_param_info(int32_t index, pydhsa_param_info * out);
 
 typedef struct {

@@ -134,7 +134,7 @@ void dhsa_params_default(dhsa_params * p) {
     p->chunk_min    = 16;
     p->chunk_max    = 128;
     p->chunk_avg    = 32;
-    p->window       = 4;
+    p->window       = DHSA_KEYSIM_WINDOW;
     p->q_block      = 64;
     p->sink_tokens  = 128;
     p->local_tokens = 128;

@@ -34,6 +34,9 @@ extern "C" {
 #endif
 
 /* cffi:begin */
+/* The keysim window the engine runs with (ALGORITHM.md: a constant, not a parameter). */
+#define DHSA_KEYSIM_WINDOW 4
+
 typedef enum {
     DHSA_OK           = 0,
     DHSA_ERR_ARGUMENT = 1, /* a parameter is out of range, inconsistent or NULL */
@@ -55,7 +58,8 @@ typedef struct {
     int32_t chunk_min;    /* 1 <= chunk_min <= chunk_max */
     int32_t chunk_max;
     int32_t chunk_avg;    /* >= 1 */
-    int32_t window;       /* keysim window w (keys on each side of a candidate cut), >= 1 */
+    int32_t window;       /* keysim window w (keys on each side of a candidate cut), >= 1; the engine uses
+                             DHSA_KEYSIM_WINDOW */
     int32_t q_block;      /* queries per block, >= 1 */
     int32_t sink_tokens;  /* >= 0 */
     int32_t local_tokens; /* >= 0 */

@@ -3,6 +3,7 @@
 #include "llama-dhsa.h"
 
 #include "dhsa-params.h"
+#include "dhsa-select.h"
 #include "ggml-dhsa.h"
 #include "llama-context.h"
 #include "llama-dhsa-auto.h"
@@ -115,7 +116,7 @@ void llama_dhsa_runtime_init(dhsa_runtime * rt, const dhsa_settings * s) {
     rt->chunk_min    = (int32_t) s->v[DHSA_PARAM_CHUNK_MIN];
     rt->chunk_max    = (int32_t) s->v[DHSA_PARAM_CHUNK_MAX];
     rt->chunk_avg    = (int32_t) s->v[DHSA_PARAM_CHUNK_AVG];
-    rt->window       = 4;  // the keysim smoothing window (ALGORITHM.md), not a parameter
+    rt->window       = DHSA_KEYSIM_WINDOW;  // ALGORITHM.md: a constant, not a parameter
     rt->q_block      = (int32_t) s->v[DHSA_PARAM_Q_BLOCK];
     rt->sink_tokens  = (int32_t) s->v[DHSA_PARAM_SINK_TOKENS];
     rt->local_tokens = (int32_t) s->v[DHSA_PARAM_LOCAL_TOKENS];
