@@ -13,6 +13,7 @@ on leaving a `with` block, or when garbage-collected. A Session keeps its Model 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import os
 import queue
 import random
@@ -254,7 +255,11 @@ class Model:
 
 
 class Session:
-    """A context (KV cache) on a Model: prefill tokens, then generate."""
+    """A context (KV cache) on a Model: prefill tokens, then generate.
+
+    One session serves one call at a time: a call made while another thread's call (or an unfinished
+    generate stream) uses it raises PydhsaError instead of corrupting the context. Sessions of one Model
+    may run in parallel threads. cancel(), timings() and the DHSA statistics may be called at any time."""
 
     def __init__(self, model: Model, n_ctx: int = 4096, n_threads: Optional[int] = None, n_batch: int = 2048,
                  n_ubatch: int = 512, verbose: bool = False, dhsa: Optional["DhsaConfig"] = None,
@@ -263,6 +268,8 @@ class Session:
         self.model = model
         self._lib = model._lib
         self._ptr = None
+        self._busy = threading.Lock()  # held by the call that uses the context (see the class docstring)
+        self._active_stream = None  # (stop event, worker thread) of a generate stream that has started
         ffi = _native.ffi
         threads = default_threads() if n_threads is None else int(n_threads)
         if not 1 <= threads <= MAX_THREADS:
@@ -289,6 +296,17 @@ class Session:
             raise PydhsaError("the session has been closed")
         return self._ptr
 
+    @contextlib.contextmanager
+    def _exclusive(self, what: str):
+        """Hold the session for one call; raise at once if another call holds it."""
+        if not self._busy.acquire(blocking=False):
+            raise PydhsaError(f"the session is in use by another call ({what} refused): a session serves one "
+                              "call at a time; use a session per thread")
+        try:
+            yield
+        finally:
+            self._busy.release()
+
     @property
     def n_past(self) -> int:
         return self.timings().n_past
@@ -298,6 +316,10 @@ class Session:
         (from another thread). The C call runs in a worker thread so that Ctrl-C (KeyboardInterrupt) stops
         it within a graph node's compute; the session is then reset (its context emptied) and the
         KeyboardInterrupt propagates."""
+        with self._exclusive("prefill"):
+            self._prefill(tokens, progress)
+
+    def _prefill(self, tokens: Sequence[int], progress: Optional[Callable[[int, int], None]]) -> None:
         ffi = _native.ffi
         arr = ffi.new("int32_t[]", list(tokens))
         err = ffi.new("pydhsa_error *")
@@ -330,10 +352,10 @@ class Session:
         except KeyboardInterrupt:
             self.cancel()
             thread.join()
-            self.reset()
+            self._reset()
             raise
         if failure:
-            self.reset()
+            self._reset()
             raise failure[0]
         _check(self._lib, status[0], err)
 
@@ -347,7 +369,8 @@ class Session:
         arr = ffi.new("int32_t[]", list(tokens))
         err = ffi.new("pydhsa_error *")
         buf = ffi.cast("float *", out.ctypes.data)
-        _check(self._lib, self._lib.pydhsa_eval_logits(self._handle(), arr, len(tokens), buf, out.size, err), err)
+        with self._exclusive("eval_logits"):
+            _check(self._lib, self._lib.pydhsa_eval_logits(self._handle(), arr, len(tokens), buf, out.size, err), err)
         return out
 
     def _dhsa_stats(self) -> tuple:
@@ -373,6 +396,10 @@ class Session:
         self._lib.pydhsa_session_cancel(self._handle())
 
     def reset(self) -> None:
+        with self._exclusive("reset"):
+            self._reset()
+
+    def _reset(self) -> None:
         err = _native.ffi.new("pydhsa_error *")
         _check(self._lib, self._lib.pydhsa_session_reset(self._handle(), err), err)
 
@@ -382,7 +409,8 @@ class Session:
         out = np.empty(n_vocab, dtype=np.float32)
         err = _native.ffi.new("pydhsa_error *")
         buf = _native.ffi.cast("float *", out.ctypes.data)
-        _check(self._lib, self._lib.pydhsa_last_logits(self._handle(), buf, n_vocab, err), err)
+        with self._exclusive("logits"):
+            _check(self._lib, self._lib.pydhsa_last_logits(self._handle(), buf, n_vocab, err), err)
         return out
 
     def generate(self, prompt: Optional[str | Sequence[int]] = None, max_tokens: int = 128, temperature: float = 0.8,
@@ -448,7 +476,14 @@ class Session:
             finally:
                 pieces.put(("done", None))
 
+        with self._exclusive("generate"):
+            yield from self._pump(worker, pieces, stop)
+
+    def _pump(self, worker, pieces, stop) -> Iterator[str]:
+        """Run the generate worker and yield its pieces; the worker is stopped and joined however the
+        consumer leaves (exhausted, closed halfway, an error), or by close()."""
         thread = threading.Thread(target=worker, name="pydhsa-generate", daemon=True)
+        self._active_stream = (stop, thread)
         thread.start()
         try:
             while True:
@@ -462,6 +497,7 @@ class Session:
         finally:
             stop.set()
             thread.join()
+            self._active_stream = None
 
     def dhsa_density(self) -> Optional[DhsaDensity]:
         """Attention density DHSA actually used (computed query-key pairs over causal pairs), per layer
@@ -492,7 +528,19 @@ class Session:
                        peak_rss_bytes=int(out.peak_rss_bytes))
 
     def close(self) -> None:
-        if self._ptr is not None:
+        """Free the context. A generate stream left unfinished is stopped first (its iterator then ends);
+        a prefill or other call running in another thread makes close raise instead."""
+        if self._ptr is None:
+            return
+        stream = self._active_stream
+        if stream is not None and self._busy.locked():
+            stop, thread = stream
+            stop.set()  # the C loop stops at its next token (a stop, not an error, for the stream)
+            thread.join()
+            self._lib.pydhsa_session_free(self._ptr)
+            self._ptr = None
+            return
+        with self._exclusive("close"):
             self._lib.pydhsa_session_free(self._ptr)
             self._ptr = None
 
