@@ -51,10 +51,25 @@ def text_file(name: str, cache: Path) -> Path:
     return path
 
 
+def method_flags(method: str) -> List[str]:
+    """`boundary[/name=value...]` (e.g. keysim/chunk_max=64) as --dhsa-* flags."""
+    boundary, *opts = method.split("/")
+    flags = ["--dhsa-boundary", boundary]
+    for opt in opts:
+        name, _, value = opt.partition("=")
+        flags += [f"--dhsa-{name.replace('_', '-')}", value]
+    return flags
+
+
+def method_label(method: str) -> str:
+    """The method as a file-name part (no '-', which separates the fields)."""
+    return method.replace("/", "+").replace("=", "")
+
+
 def run_case(model: str, text: Path, method: str, budget: float, args, out: Path) -> Optional[dict]:
     cmd = [sys.executable, "-m", "pydhsa", "perplexity", "--model-name", model, "-f", str(text),
            "-c", str(args.ctx), "--chunks", "1", "-b", str(args.batch), "--kl-divergence", "-q",
-           "-t", str(args.threads), "--dhsa-budget", str(budget), "--dhsa-boundary", method, "--json", str(out)]
+           "-t", str(args.threads), "--dhsa-budget", str(budget), *method_flags(method), "--json", str(out)]
     t0 = time.time()
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
@@ -88,7 +103,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="gemma3-270m,qwen2.5-coder-0.5b", help="embedded model names")
     ap.add_argument("--texts", default="haystack,pydoc", help="texts: haystack, pydoc")
-    ap.add_argument("--methods", default="fixed,keysim", help="boundary methods")
+    ap.add_argument("--methods", default="fixed,keysim",
+                    help="boundary methods, each optionally with DHSA settings: keysim/chunk_max=64 (default fixed,keysim)")
     ap.add_argument("--budgets", default="0.1,0.2", help="DHSA budgets")
     ap.add_argument("--ctx", type=int, default=16384, help="window length in tokens (default 16384)")
     ap.add_argument("--batch", type=int, default=512, help="tokens per evaluation call (default 512)")
@@ -103,7 +119,7 @@ def main(argv=None) -> int:
             for model in args.models.split(","):
                 for budget in [float(b) for b in args.budgets.split(",")]:
                     for method in args.methods.split(","):
-                        out = args.out / f"{model}-{name}-{method}-{budget:g}.json"
+                        out = args.out / f"{model}-{name}-{method_label(method)}-{budget:g}.json"
                         if not out.exists():
                             run_case(model, text, method, budget, args, out)
                         (args.out / "summary.md").write_text(summary(args.out))
