@@ -9,10 +9,8 @@ embedding lookup and the last position's output projection to a prefill). It is 
 converted with our converter (f16), once per --workdir.
 
 --shape qwen2-7b: Qwen2 7B's shape (28 layers, hidden 3584, FFN 18944, 28 query heads over 4 KV heads of size
-128, q/k/v biases, every layer global, 32K context), written directly as a qwen2 GGUF (f16) with the gguf
-library: random N(0, 0.02) weights drawn once into a pool that every tensor takes a different slice of (making
-15 GB of independent random numbers would take longer than the benchmark), and the same small SentencePiece
-vocabulary.
+128, q/k/v biases, every layer global, 32K context), written as a qwen2 GGUF (f16) by the tests' random-model
+writer (tests/random_gguf.py: seeded weights scaled by fan-in, a 1000-token byte-level BPE vocabulary).
 
 --cuda-attn own,fattn times DHSA once per CUDA attention route (PYDHSA_CUDA_ATTN); default: the engine's choice.
 
@@ -63,84 +61,20 @@ def make_tokenizer(dest: Path) -> None:
     transformers.GemmaTokenizer.from_pretrained(str(dest)).save_pretrained(str(dest))
 
 
-QWEN2_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                num_key_value_heads=4, head_dim=128, max_position_embeddings=32768, rope_theta=1000000.0,
-                rms_norm_eps=1e-6)
+# Qwen2 7B's shape, as tests/random_gguf.write_random_model takes it (its vocabulary: 1000 byte-level BPE tokens).
+QWEN2_7B = dict(n_layer=28, n_head=28, n_head_kv=4, head_dim=128, n_ff=18944, n_vocab=1000, n_ctx_train=32768,
+                rope_freq_base=1000000.0, rms_eps=1e-6)
 SHAPES = {"gemma3-1b": GEMMA3_1B, "qwen2-7b": QWEN2_7B}
 
 
-def make_qwen2_gguf(workdir: Path, c: Dict[str, Any] = QWEN2_7B, name: str = "qwen2-7b-shaped") -> Path:
-    """A random-weight qwen2 GGUF of shape `c` (Qwen2 7B's by default; module docstring), reused when already
-    in workdir."""
-    import gguf
-    import sentencepiece as spm
-    path = workdir / f"{name}-random-f16.gguf"
-    if path.exists():
-        return path
-    tok_dir = workdir / "tokenizer"
-    tok_dir.mkdir(parents=True, exist_ok=True)
-    make_tokenizer(tok_dir)
-    sp = spm.SentencePieceProcessor(model_file=str(tok_dir / "tokenizer.model"))
-    n_vocab = sp.get_piece_size()
-    types = [gguf.TokenType.CONTROL if sp.is_control(i) else gguf.TokenType.UNKNOWN if sp.is_unknown(i) else
-             gguf.TokenType.BYTE if sp.is_byte(i) else gguf.TokenType.NORMAL for i in range(n_vocab)]
-    n_embd, n_ff, d = c["hidden_size"], c["intermediate_size"], c["head_dim"]
-    n_head, n_head_kv = c["num_attention_heads"], c["num_key_value_heads"]
-    w = gguf.GGUFWriter(str(path), "qwen2")
-    w.add_name(f"{name}-random")
-    w.add_context_length(c["max_position_embeddings"])
-    w.add_embedding_length(n_embd)
-    w.add_block_count(c["num_hidden_layers"])
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
-    w.add_key_length(d)
-    w.add_value_length(d)
-    w.add_rope_freq_base(c["rope_theta"])
-    w.add_layer_norm_rms_eps(c["rms_norm_eps"])
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    w.add_tokenizer_model("llama")
-    w.add_token_list([sp.id_to_piece(i).encode() for i in range(n_vocab)])
-    w.add_token_scores([sp.get_score(i) for i in range(n_vocab)])
-    w.add_token_types(types)
-    w.add_bos_token_id(2)
-    w.add_eos_token_id(1)
-    w.add_add_bos_token(True)
-    rng = np.random.default_rng(0)
-    pool = (rng.standard_normal(1 << 27, dtype=np.float32) * 0.02).astype(np.float16)  # > the largest tensor
-    taken = 0
-
-    def tensor(name: str, *shape: int, norm: bool = False) -> None:
-        """numpy shape (rows, cols) is ggml's [cols, rows]; 1-D tensors (norms: ones, biases) are f32."""
-        nonlocal taken
-        n = int(np.prod(shape))
-        start = taken % (pool.size - n + 1)
-        taken += 1_000_003 * 7
-        data = np.ones(n, dtype=np.float32) if norm else pool[start:start + n]
-        w.add_tensor(name, (data.astype(np.float32) if len(shape) == 1 else data).reshape(shape))
-
-    tensor("token_embd.weight", n_vocab, n_embd)
-    for il in range(c["num_hidden_layers"]):
-        p = f"blk.{il}."
-        tensor(p + "attn_norm.weight", n_embd, norm=True)
-        tensor(p + "attn_q.weight", n_head * d, n_embd)
-        tensor(p + "attn_q.bias", n_head * d)
-        tensor(p + "attn_k.weight", n_head_kv * d, n_embd)
-        tensor(p + "attn_k.bias", n_head_kv * d)
-        tensor(p + "attn_v.weight", n_head_kv * d, n_embd)
-        tensor(p + "attn_v.bias", n_head_kv * d)
-        tensor(p + "attn_output.weight", n_embd, n_head * d)
-        tensor(p + "ffn_norm.weight", n_embd, norm=True)
-        tensor(p + "ffn_gate.weight", n_ff, n_embd)
-        tensor(p + "ffn_up.weight", n_ff, n_embd)
-        tensor(p + "ffn_down.weight", n_embd, n_ff)
-    tensor("output_norm.weight", n_embd, norm=True)
-    tensor("output.weight", n_vocab, n_embd)
-    A.log(f"cuda_prefill: writing {path}")
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file(progress=False)
-    w.close()
+def make_qwen2_gguf(workdir: Path) -> Path:
+    """A random-weight qwen2 GGUF of Qwen2 7B's shape (tests/random_gguf.py), reused when already in workdir."""
+    path = workdir / "qwen2-7b-shaped-random-f16.gguf"
+    if not path.exists():
+        sys.path.insert(0, str(REPO / "tests"))
+        from random_gguf import write_random_model
+        A.log(f"cuda_prefill: writing {path}")
+        write_random_model(path, "qwen2", **QWEN2_7B, name="qwen2-7b-shaped-random")
     return path
 
 

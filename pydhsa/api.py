@@ -537,12 +537,14 @@ class Session:
             stop, thread = stream
             stop.set()  # the C loop stops at its next token (a stop, not an error, for the stream)
             thread.join()
-            self._lib.pydhsa_session_free(self._ptr)
-            self._ptr = None
+            self._free()
             return
         with self._exclusive("close"):
-            self._lib.pydhsa_session_free(self._ptr)
-            self._ptr = None
+            self._free()
+
+    def _free(self) -> None:
+        self._lib.pydhsa_session_free(self._ptr)
+        self._ptr = None
 
     def __enter__(self) -> "Session":
         return self

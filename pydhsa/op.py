@@ -78,6 +78,25 @@ def cache_values(X: np.ndarray, kv_type: str) -> np.ndarray:
     return quants.dequantize(cache_bytes(X, kv_type), _ggml_type(kv_type)).reshape(X.shape).astype(np.float32)
 
 
+def selection_size(n_q: int, n_kv: int, n_head_kv: int, cfg: DhsaConfig) -> int:
+    """int32 entries of the engine's selection tensor (ggml-dhsa.h): positions, flag, one slot per block and KV head."""
+    return n_q + 1 + (-(-n_q // cfg.q_block)) * n_head_kv * (1 + 2 * max_ranges(n_kv, cfg))
+
+
+def selection_ranges(sel: np.ndarray, n_q: int, n_kv: int, n_head_kv: int, cfg: DhsaConfig) -> List:
+    """The selection tensor's slots as ranges[block][kv_head] = [(start, end), ...] (the reference's format)."""
+    slot = 1 + 2 * max_ranges(n_kv, cfg)
+    ranges = []
+    for b in range(-(-n_q // cfg.q_block)):
+        per_head = []
+        for g in range(n_head_kv):
+            base = n_q + 1 + (b * n_head_kv + g) * slot
+            count = int(sel[base])
+            per_head.append([(int(sel[base + 1 + 2 * i]), int(sel[base + 2 + 2 * i])) for i in range(count)])
+        ranges.append(per_head)
+    return ranges
+
+
 def run_attention(Q: np.ndarray, K: np.ndarray, V: np.ndarray, mode: str = "dhsa",
                   config: Optional[DhsaConfig] = None, q_pos0: Optional[int] = None, scale: Optional[float] = None,
                   softcap: float = 0.0, n_threads: int = 1, dense_from: Optional[int] = None,
@@ -103,9 +122,7 @@ def run_attention(Q: np.ndarray, K: np.ndarray, V: np.ndarray, mode: str = "dhsa
     params = ffi.new("pydhsa_dhsa_params *")
     _fill_dhsa_params(params, cfg)
     out = np.empty((n_q, H, d), dtype=np.float32)
-    n_blocks = -(-n_q // cfg.q_block)
-    slot = 1 + 2 * max_ranges(n_kv, cfg)
-    n_ints = n_q + 1 + n_blocks * H_kv * slot
+    n_ints = selection_size(n_q, n_kv, H_kv, cfg)
     sel = np.zeros(n_ints, dtype=np.int32)
     n_sel = ffi.new("int64_t *")
     elapsed = ffi.new("double *")
@@ -121,12 +138,4 @@ def run_attention(Q: np.ndarray, K: np.ndarray, V: np.ndarray, mode: str = "dhsa
     if mode == "flash":
         return OpResult(out, None, None, None, elapsed[0])
     assert n_sel[0] == n_ints, (n_sel[0], n_ints)
-    ranges = []
-    for b in range(n_blocks):
-        per_head = []
-        for g in range(H_kv):
-            base = n_q + 1 + (b * H_kv + g) * slot
-            count = int(sel[base])
-            per_head.append([(int(sel[base + 1 + 2 * i]), int(sel[base + 2 + 2 * i])) for i in range(count)])
-        ranges.append(per_head)
-    return OpResult(out, ranges, sel[:n_q].copy(), bool(sel[n_q]), elapsed[0])
+    return OpResult(out, selection_ranges(sel, n_q, n_kv, H_kv, cfg), sel[:n_q].copy(), bool(sel[n_q]), elapsed[0])

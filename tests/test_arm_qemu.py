@@ -20,7 +20,7 @@ from pydhsa import _native
 from pydhsa import reference as R
 from pydhsa.api import _fill_dhsa_params
 from pydhsa.dhsa_params import DhsaConfig
-from pydhsa.op import DENSE_NONE, MODES, _ggml_type, cache_bytes, cache_values, max_ranges
+from pydhsa.op import DENSE_NONE, MODES, _ggml_type, cache_bytes, cache_values, selection_ranges, selection_size
 from test_op_dhsa import ATOL, CACHE_CASES, CASES, RTOL, SEED, random_inputs, reference_params
 
 BUILD = Path(os.environ["PYDHSA_ARM_BUILD"]) if os.environ.get("PYDHSA_ARM_BUILD") else None
@@ -39,7 +39,7 @@ def run_on_arm(Q, K, V, cfg: DhsaConfig, q_pos0: int, tmp_path: Path, kv_type: s
     _fill_dhsa_params(params, cfg)
     n_q, H, d = Q.shape
     n_kv, H_kv, _ = K.shape
-    n_ints = n_q + 1 + (-(-n_q // cfg.q_block)) * H_kv * (1 + 2 * max_ranges(n_kv, cfg))
+    n_ints = selection_size(n_q, n_kv, H_kv, cfg)
     kv_type = kv_type or ("f16" if K.dtype == np.float16 else "f32")
     Kc, Vc = cache_bytes(K, kv_type).tobytes(), cache_bytes(V, kv_type).tobytes()
     request = tmp_path / "request.bin"
@@ -66,19 +66,6 @@ def run_on_arm(Q, K, V, cfg: DhsaConfig, q_pos0: int, tmp_path: Path, kv_type: s
     return out, sel
 
 
-def ranges_of(sel: np.ndarray, n_q: int, n_kv: int, H_kv: int, cfg: DhsaConfig):
-    """The selection tensor's slots as reference-format ranges[block][kv_head] (as pydhsa.op does)."""
-    slot = 1 + 2 * max_ranges(n_kv, cfg)
-    out = []
-    for b in range(-(-n_q // cfg.q_block)):
-        per_head = []
-        for g in range(H_kv):
-            base = n_q + 1 + (b * H_kv + g) * slot
-            per_head.append([(int(sel[base + 1 + 2 * i]), int(sel[base + 2 + 2 * i])) for i in range(int(sel[base]))])
-        out.append(per_head)
-    return out
-
-
 @pytest.mark.parametrize("shape, heads, d, budget, boundary, dtype", CASES,
                          ids=[f"q{s[0]}-kv{s[1]}-h{h[0]}x{h[1]}-d{d}-b{b}-{bd}-{np.dtype(t).name}"
                               for s, h, d, b, bd, t in CASES])
@@ -93,7 +80,7 @@ def test_arm_op_matches_reference(shape, heads, d, budget, boundary, dtype, tmp_
     assert list(sel[:n_q]) == list(range(q_pos0, n_kv))
     expected_ranges = R.engine_select_ranges(Q, K.astype(np.float32), reference_params(cfg), q_pos0)
     if budget < 1.0:
-        assert ranges_of(sel, n_q, n_kv, n_head_kv, cfg) == expected_ranges, f"seed {SEED}"
+        assert selection_ranges(sel, n_q, n_kv, n_head_kv, cfg) == expected_ranges, f"seed {SEED}"
     expected = R.sparse_attention(Q.astype(np.float64), K.astype(np.float64), V.astype(np.float64), expected_ranges,
                                   q_pos0, cfg.q_block, 1 / np.sqrt(d))
     np.testing.assert_allclose(out, expected, atol=ATOL, rtol=RTOL, err_msg=f"seed {SEED}")
@@ -111,7 +98,7 @@ def test_arm_cache_types_match_reference_on_cached_values(shape, heads, d, kv_ty
     out, sel = run_on_arm(Q, K, V, cfg, q_pos0, tmp_path, kv_type=kv_type)
     Kc, Vc = cache_values(K, kv_type), cache_values(V, kv_type)
     expected_ranges = R.engine_select_ranges(Q, Kc, reference_params(cfg), q_pos0)
-    assert ranges_of(sel, n_q, n_kv, n_head_kv, cfg) == expected_ranges, f"seed {SEED}"
+    assert selection_ranges(sel, n_q, n_kv, n_head_kv, cfg) == expected_ranges, f"seed {SEED}"
     expected = R.sparse_attention(Q.astype(np.float64), Kc.astype(np.float64), Vc.astype(np.float64), expected_ranges,
                                   q_pos0, cfg.q_block, 1 / np.sqrt(d))
     np.testing.assert_allclose(out, expected, atol=ATOL, rtol=RTOL, err_msg=f"seed {SEED}")
