@@ -101,11 +101,12 @@ def run_attention(Q: np.ndarray, K: np.ndarray, V: np.ndarray, mode: str = "dhsa
                   config: Optional[DhsaConfig] = None, q_pos0: Optional[int] = None, scale: Optional[float] = None,
                   softcap: float = 0.0, n_threads: int = 1, dense_from: Optional[int] = None,
                   device: str = "cpu", n_repeat: int = 1, warm_cache: bool = False,
-                  kv_type: Optional[str] = None) -> OpResult:
+                  kv_type: Optional[str] = None, visible: Optional[np.ndarray] = None) -> OpResult:
     """device: "cpu" or "cuda" (see gpu_count()). n_repeat > 1: elapsed_ms is the median of that many
     runs after one warm-up. warm_cache: keep the selection caches of complete segments between those
     runs (a long prefill's or decode's steady state) instead of starting each run cold. kv_type: the
-    cache type K and V are stored in (default: their dtype, f16 or f32)."""
+    cache type K and V are stored in (default: their dtype, f16 or f32). visible: a bool mask [n_q, n_kv] in
+    place of the causal one (several sequences in one ubatch; q_pos0 is then unused)."""
     lib = _native.load()
     ffi = _native.ffi
     n_q, H, d = Q.shape
@@ -127,10 +128,15 @@ def run_attention(Q: np.ndarray, K: np.ndarray, V: np.ndarray, mode: str = "dhsa
     n_sel = ffi.new("int64_t *")
     elapsed = ffi.new("double *")
     err = ffi.new("pydhsa_error *")
-    status = lib.pydhsa_op_attention(
+    if visible is not None:
+        if visible.shape != (n_q, n_kv):
+            raise ValueError(f"visible must have shape (n_q, n_kv) = {(n_q, n_kv)}, got {visible.shape}")
+        visible = np.ascontiguousarray(visible, dtype=np.uint8)
+    status = lib.pydhsa_op_attention_masked(
         MODES[mode], params, DENSE_NONE if dense_from is None else int(dense_from),
         ffi.cast("const float *", Qc.ctypes.data), ffi.cast("const void *", Kc.ctypes.data),
         ffi.cast("const void *", Vc.ctypes.data), int(_ggml_type(kv_type)), n_q, n_kv, H, H_kv, d, q_pos0,
+        ffi.NULL if visible is None else ffi.cast("const uint8_t *", visible.ctypes.data),
         float(scale), float(softcap), device.encode(), int(n_threads), int(n_repeat), bool(warm_cache),
         ffi.cast("float *", out.ctypes.data),
         ffi.cast("int32_t *", sel.ctypes.data), n_ints, n_sel, elapsed, err)

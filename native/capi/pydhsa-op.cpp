@@ -121,8 +121,27 @@ extern "C" int32_t pydhsa_op_attention(int32_t mode, const pydhsa_dhsa_params * 
                                        int32_t n_kv, int32_t n_head, int32_t n_head_kv, int32_t d, int32_t q_pos0,
                                        float scale, float softcap, const char * device, int32_t n_threads,
                                        int32_t n_repeat, bool warm_cache, float * out, int32_t * ranges,
-                                       int64_t n_ranges_ints,
-                                       int64_t * n_ranges_out, double * elapsed_ms, pydhsa_error * err) {
+                                       int64_t n_ranges_ints, int64_t * n_ranges_out, double * elapsed_ms,
+                                       pydhsa_error * err) {
+    return pydhsa_op_attention_masked(mode, dhsa, dense_from, q, k, v, kv_type, n_q, n_kv, n_head, n_head_kv, d, q_pos0,
+                                      nullptr, scale, softcap, device, n_threads, n_repeat, warm_cache, out, ranges,
+                                      n_ranges_ints, n_ranges_out, elapsed_ms, err);
+}
+
+extern "C" int32_t pydhsa_op_attention_masked(int32_t mode, const pydhsa_dhsa_params * dhsa, int32_t dense_from,
+                                              const float * q, const void * k, const void * v, int32_t kv_type,
+                                              int32_t n_q, int32_t n_kv, int32_t n_head, int32_t n_head_kv,
+                                              int32_t d, int32_t q_pos0, const uint8_t * visible, float scale,
+                                              float softcap, const char * device, int32_t n_threads,
+                                              int32_t n_repeat, bool warm_cache, float * out, int32_t * ranges,
+                                              int64_t n_ranges_ints, int64_t * n_ranges_out, double * elapsed_ms,
+                                              pydhsa_error * err) {
+    if (visible) {
+        if (mode == PYDHSA_OP_MASK) {
+            return op_error(err, PYDHSA_ERR_ARGUMENT, "a caller's mask is not for the mask route");
+        }
+        q_pos0 = 0;
+    }
     if (!q || !k || !v || (!out && mode != PYDHSA_OP_SELECT) || n_q < 1 || n_kv < 1 || n_head < 1 || n_head_kv < 1 || n_head % n_head_kv != 0 ||
         d < 1 || q_pos0 < 0 || q_pos0 + n_q > n_kv || n_threads < 1 || n_repeat < 1 || mode < 0 || mode > 5 ||
         (mode != PYDHSA_OP_FLASH && !dhsa)) {
@@ -199,10 +218,11 @@ extern "C" int32_t pydhsa_op_attention(int32_t mode, const pydhsa_dhsa_params * 
     {
         std::vector<ggml_fp16_t> causal((size_t) (n_kv * n_q_pad));
         const ggml_fp16_t zero = ggml_fp32_to_fp16(0.0f), ninf = ggml_fp32_to_fp16(-INFINITY);
-        // Row r: keys [0, q_pos0 + r] visible; padding rows past n_q fully masked.
+        // Row r: keys [0, q_pos0 + r] visible (or as the caller's mask says); padding rows past n_q masked.
         for (int64_t r = 0; r < n_q_pad; r++) {
             for (int64_t j = 0; j < n_kv; j++) {
-                causal[r * n_kv + j] = (r < n_q && j <= q_pos0 + r) ? zero : ninf;
+                const bool seen = r < n_q && (visible ? visible[r * n_kv + j] != 0 : j <= q_pos0 + r);
+                causal[r * n_kv + j] = seen ? zero : ninf;
             }
         }
         ggml_backend_tensor_set(mask, causal.data(), 0, ggml_nbytes(mask));

@@ -272,6 +272,18 @@ PYDHSA_API int32_t pydhsa_op_attention(int32_t mode, const pydhsa_dhsa_params * 
                                        float * out, int32_t * ranges, int64_t n_ranges_ints, int64_t * n_ranges_out,
                                        double * elapsed_ms, pydhsa_error * err);
 
+/* pydhsa_op_attention under a mask given by the caller instead of the causal one: visible[r * n_kv + j]
+ * non-zero when query row r may see key j (several sequences in one ubatch, as a unified KV cache's mask
+ * shows them); q_pos0 is then unused. Not for PYDHSA_OP_MASK. visible == NULL: pydhsa_op_attention. */
+PYDHSA_API int32_t pydhsa_op_attention_masked(int32_t mode, const pydhsa_dhsa_params * dhsa, int32_t dense_from,
+                                              const float * q, const void * k, const void * v, int32_t kv_type,
+                                              int32_t n_q, int32_t n_kv, int32_t n_head, int32_t n_head_kv,
+                                              int32_t d, int32_t q_pos0, const uint8_t * visible, float scale,
+                                              float softcap, const char * device, int32_t n_threads,
+                                              int32_t n_repeat, bool warm_cache, float * out, int32_t * ranges,
+                                              int64_t n_ranges_ints, int64_t * n_ranges_out, double * elapsed_ms,
+                                              pydhsa_error * err);
+
 /* Number of GPU devices the engine was built with and can see (0 for a CPU-only build). */
 PYDHSA_API int32_t pydhsa_gpu_count(void);
 /* cffi:end */

@@ -20,6 +20,7 @@
 #include "vec.h"
 
 #include <algorithm>
+#include <unordered_map>
 #include <vector>
 #include <cmath>
 #include <cstring>
@@ -28,6 +29,21 @@ namespace {
 
 constexpr int64_t kTile = 64;  // keys per K/V tile in the attention kernel (as upstream GGML_FA_TILE_KV)
 constexpr size_t  kAlign = 64;
+
+// Sequences of one ubatch that are selected sparsely (a server's parallel slots); rows of further
+// sequences attend densely under the mask.
+constexpr int64_t kMaxRuns = 16;
+
+// Query rows [r0, r1) of one sequence, in consecutive cells, whose keys are the cells [base, base + n_eff):
+// the selection runs on them as if the sequence were alone in the cache from cell 0 (ALGORITHM.md,
+// "Several sequences in one ubatch"). [r0, r1) is whole query blocks of the ubatch, so that each block's
+// ranges belong to one sequence; rows of blocks shared with another sequence attend densely.
+struct seq_run {
+    int64_t r0, r1;
+    int32_t base, n_eff;
+    int64_t seg_first, n_seg;  // its segments in the per-segment arrays of the selection's workspace
+    bool    sparse;            // enough keys (min_context) and a valid selection
+};
 
 size_t align_up(size_t n) {
     return (n + kAlign - 1) & ~(kAlign - 1);
@@ -47,9 +63,11 @@ struct select_geometry {
         n_head_kv  = k->ne[2];
         d          = k->ne[0];
         n_blocks   = (n_q + rt->q_block - 1) / rt->q_block;
-        n_seg      = (n_kv + DHSA_SEGMENT - 1) / DHSA_SEGMENT;
+        // A sequence that starts at a cell which is not a multiple of DHSA_SEGMENT has one segment more
+        // than its keys fill, so each of up to kMaxRuns sequences may add one.
+        n_seg      = (n_kv + DHSA_SEGMENT - 1) / DHSA_SEGMENT + kMaxRuns;
         seg_chunks = DHSA_SEGMENT / std::max(1, std::min(rt->chunk_min, rt->chunk_avg)) + 3;
-        max_chunks = n_seg * seg_chunks;  // Kc is filled segment by segment, then compacted
+        max_chunks = n_seg * seg_chunks;  // Kc is filled segment by segment, then compacted per sequence
         max_ranges = ggml_dhsa_max_ranges(n_kv, rt);
         slot_size  = 1 + 2 * max_ranges;
         seg_rows   = (size_t) DHSA_SEGMENT + (size_t) std::max(rt->window, 0);
@@ -61,7 +79,8 @@ struct select_geometry {
     size_t shared_bytes() const {
         return align_up(sizeof(int32_t) * seg_bounds_ints() * n_seg) + align_up(sizeof(int32_t) * (n_kv + 2)) +
                align_up(sizeof(float) * max_chunks * n_head_kv * d) + align_up(sizeof(float) * n_blocks * n_head_kv * d) +
-               align_up(dhsa_select_ranges_workspace_size((int32_t) max_chunks) + kAlign);
+               align_up(dhsa_select_ranges_workspace_size((int32_t) max_chunks) + kAlign) +
+               align_up(sizeof(seq_run) * kMaxRuns + sizeof(int64_t));
     }
     size_t thread_bytes() const {
         return align_up(sizeof(float) * seg_rows * n_head_kv * d) +
@@ -74,6 +93,22 @@ int32_t row_position(const ggml_tensor * mask, int64_t r, int64_t n_kv) {
     const ggml_fp16_t * row = (const ggml_fp16_t *) ((const char *) mask->data + r * mask->nb[1]);
     for (int64_t j = n_kv - 1; j >= 0; j--) {
         if (GGML_CPU_FP16_TO_FP32(row[j]) != -INFINITY) {
+            return (int32_t) j;
+        }
+    }
+    return -1;
+}
+
+bool cell_visible(const ggml_tensor * mask, int64_t r, int64_t j) {
+    const ggml_fp16_t * row = (const ggml_fp16_t *) ((const char *) mask->data + r * mask->nb[1]);
+    return GGML_CPU_FP16_TO_FP32(row[j]) != -INFINITY;
+}
+
+// First unmasked key of mask row r (the first cell of the row's sequence in a layer without a window),
+// -1 when the row sees nothing.
+int32_t row_first_visible(const ggml_tensor * mask, int64_t r, int64_t n_kv) {
+    for (int64_t j = 0; j < n_kv; j++) {
+        if (cell_visible(mask, r, j)) {
             return (int32_t) j;
         }
     }
@@ -134,17 +169,19 @@ bool segment_bounds(const dhsa_params & p, const ggml_tensor * k, int64_t seg0, 
     return true;
 }
 
-// Dense slot for every (block, KV head): the block's visible keys, masked per row by the kernel.
-void write_dense_slots(const select_geometry & g, const int32_t * pos, int32_t q_block, int32_t * slots) {
-    for (int64_t b = 0; b < g.n_blocks; b++) {
+// Dense slots for blocks [b0, b1) and every KV head: the block's keys from cell `first` on, masked per
+// row by the kernel (first > 0: a sequence stored from that cell).
+void write_dense_slots(const select_geometry & g, const int32_t * pos, int32_t q_block, int32_t * slots, int64_t b0,
+                       int64_t b1, int32_t first) {
+    for (int64_t b = b0; b < b1; b++) {
         int32_t pe = -1;
         for (int64_t r = b * q_block; r < std::min<int64_t>(g.n_q, (b + 1) * q_block); r++) {
             pe = std::max(pe, pos[r]);
         }
         for (int64_t h = 0; h < g.n_head_kv; h++) {
             int32_t * slot = slots + (b * g.n_head_kv + h) * g.slot_size;
-            slot[0]        = pe >= 0 ? 1 : 0;
-            slot[1]        = 0;
+            slot[0]        = pe >= first ? 1 : 0;
+            slot[1]        = first;
             slot[2]        = pe + 1;
         }
     }
@@ -160,8 +197,10 @@ struct segment_entry {
     std::vector<float> kc;      // [chunk][head][d]
 };
 
+// Entries per layer by the cell a segment starts at: a sequence stored from cell `base` has its segments
+// at base, base + DHSA_SEGMENT, ... (the fingerprint catches cells that now hold other keys).
 struct segment_cache {
-    std::vector<segment_entry> layers[DHSA_MAX_LAYERS];
+    std::unordered_map<int64_t, segment_entry> layers[DHSA_MAX_LAYERS];
 };
 
 // FNV-1a over the first 16 bytes of every (key, head) of the segment and the chunking parameters: any
@@ -199,6 +238,73 @@ bool chunk_reprs_of(const ggml_tensor * k, int64_t start, const int32_t * cuts, 
         c0 = cuts[i];
     }
     return true;
+}
+
+// The ubatch's sequences, as runs of rows (seq_run), into runs[0..return). Row r + 1 continues row r's
+// sequence when it sits in the next cell and sees row r's cell; a sequence's keys start at the first
+// cell its rows see. Layers with a sliding window see a first cell that moves with the query, so there
+// the rows must be one sequence stored from cell 0 (any other ubatch attends densely). excess_rows_cells:
+// the sum over the rows of every sequence found of its first cell, the cells before it that the attention
+// kernel's per-row causal count (pos + 1) includes but the row cannot see.
+int64_t find_runs(const ggml_tensor * mask, const int32_t * pos, const select_geometry & g, const dhsa_runtime * rt,
+                  int32_t il, seq_run * runs, int64_t * excess_rows_cells) {
+    *excess_rows_cells = 0;
+    if (rt->budget >= 1.0) {
+        return 0;
+    }
+    const bool windowed = rt->layer_windowed[il] != 0;
+    const int64_t q_block = rt->q_block;
+    int64_t n_runs = 0, n_seg_used = 0;
+    for (int64_t r = 0; r < g.n_q;) {
+        if (pos[r] < 0) {
+            r++;
+            continue;
+        }
+        const int64_t s0 = r;
+        while (r + 1 < g.n_q && pos[r + 1] == pos[r] + 1 && cell_visible(mask, r + 1, pos[r])) {
+            r++;
+        }
+        const int64_t e0 = ++r;
+        int32_t base = 0;
+        if (windowed) {
+            if (s0 != 0 || e0 != g.n_q) {
+                return 0;
+            }
+        } else {
+            base = row_first_visible(mask, s0, g.n_kv);
+            if (row_first_visible(mask, e0 - 1, g.n_kv) != base) {
+                continue;  // not the keys of one sequence from one cell: dense under the mask
+            }
+            *excess_rows_cells += (int64_t) base * (e0 - s0);
+        }
+        // Whole blocks only; the last block of the ubatch may be short.
+        const int64_t r0 = (s0 + q_block - 1) / q_block * q_block;
+        const int64_t r1 = e0 == g.n_q ? g.n_q : e0 / q_block * q_block;
+        if (r0 >= r1 || n_runs == kMaxRuns) {
+            continue;
+        }
+        seq_run & run = runs[n_runs];
+        run.r0 = r0;
+        run.r1 = r1;
+        run.base  = base;
+        run.n_eff = pos[r1 - 1] + 1 - base;
+        run.seg_first = n_seg_used;
+        run.n_seg     = (run.n_eff + DHSA_SEGMENT - 1) / DHSA_SEGMENT;
+        run.sparse    = run.n_eff >= rt->min_context && n_seg_used + run.n_seg <= g.n_seg;
+        if (run.sparse) {
+            n_seg_used += run.n_seg;
+        }
+        n_runs++;
+    }
+    return n_runs;
+}
+
+// The keys of a sequence stored from cell `base`, as a tensor whose cell 0 is that cell.
+ggml_tensor keys_from(const ggml_tensor * k, const seq_run & run) {
+    ggml_tensor view = *k;
+    view.data  = (char *) k->data + (int64_t) run.base * k->nb[1];
+    view.ne[1] = run.n_eff;
+    return view;
 }
 
 }  // namespace
@@ -259,7 +365,7 @@ void ggml_compute_forward_dhsa_select(const struct ggml_compute_params * params,
 
     int32_t * out   = (int32_t *) dst->data;
     int32_t * pos   = out;                       // [n_q] row positions
-    int32_t * flag  = out + g.n_q;               // 1: sparse selection, 0: dense fallback
+    int32_t * flag  = out + g.n_q;               // 1: sparse selection (of at least one sequence), 0: dense
     int32_t * slots = out + DHSA_SEL_HEADER(g.n_q);
 
     char * shared = (char *) (((uintptr_t) params->wdata + kAlign - 1) & ~(uintptr_t) (kAlign - 1));
@@ -268,10 +374,15 @@ void ggml_compute_forward_dhsa_select(const struct ggml_compute_params * params,
     float *   Kc = (float *) ((char *) bounds + align_up(sizeof(int32_t) * (g.n_kv + 2)));
     float *   Qb = (float *) ((char *) Kc + align_up(sizeof(float) * g.max_chunks * g.n_head_kv * g.d));
     void *    select_work = (char *) Qb + align_up(sizeof(float) * g.n_blocks * g.n_head_kv * g.d);
+    const size_t select_work_size = dhsa_select_ranges_workspace_size((int32_t) g.max_chunks) + kAlign;
+    seq_run * runs   = (seq_run *) ((char *) select_work + align_up(select_work_size));
+    int64_t * n_runs = (int64_t *) (runs + kMaxRuns);
     char *    mine = shared + g.shared_bytes() + g.thread_bytes() * ith;
     float *   keys = (float *) mine;
     void *    keysim_work = mine + align_up(sizeof(float) * g.seg_rows * g.n_head_kv * g.d);
     const size_t keysim_work_size = dhsa_keysim_workspace_size((int32_t) g.seg_rows, (int32_t) g.d) + kAlign;
+    const dhsa_params p = dhsa_params_from_runtime(rt);
+    const int64_t kc_per_chunk = g.n_head_kv * g.d;
 
     // Phase 1: the position of every query row, read from the mask.
     for (int64_t r = ith; r < g.n_q; r += nth) {
@@ -279,46 +390,64 @@ void ggml_compute_forward_dhsa_select(const struct ggml_compute_params * params,
     }
     ggml_barrier(params->threadpool);
 
-    // Sparse selection needs one sequence stored in consecutive cells (query r at pos[0] + r) and enough
-    // keys; otherwise every block attends densely under the mask, which is exact.
-    const int32_t q_pos0 = pos[0];
-    bool sparse = q_pos0 >= 0 && rt->budget < 1.0 && (int64_t) q_pos0 + g.n_q >= rt->min_context;
-    for (int64_t r = 1; sparse && r < g.n_q; r++) {
-        sparse = pos[r] == q_pos0 + r;
-    }
-    const int64_t n_eff = sparse ? q_pos0 + g.n_q : 0;  // keys that exist: the cells up to the last query
-    const dhsa_params p = dhsa_params_from_runtime(rt);
-
-    // Phase 2: boundaries and chunk representations, one aligned segment per work item. Complete
-    // segments come from the cache when their keys are unchanged; each segment's representations go
-    // to its own slot of Kc (compacted below), so this phase needs no coordination between threads.
-    const int64_t n_seg_eff = (n_eff + DHSA_SEGMENT - 1) / DHSA_SEGMENT;
-    const int64_t kc_per_chunk = g.n_head_kv * g.d;
-    if (ith == 0 && n_seg_eff > 0) {
-        if (!rt->segment_cache) {
+    // Phase 1b (thread 0): the ubatch's sequences (find_runs), and cache entries for their complete
+    // segments. Each sequence is selected as if it were alone, in cells counted from its first cell;
+    // blocks outside every sequence found attend densely under the mask, which is exact.
+    if (ith == 0) {
+        int64_t excess = 0;
+        *n_runs = find_runs(mask, pos, g, rt, op.il, runs, &excess);
+        if (excess > 0) {  // the attention kernel counts pos + 1 causal keys per row and head
+            __atomic_fetch_sub(&op.rt->pairs_causal[op.il], excess * q->ne[2], __ATOMIC_RELAXED);
+        }
+        if (*n_runs > 0 && !rt->segment_cache) {
             op.rt->segment_cache = new segment_cache;
         }
-        auto & entries = ((segment_cache *) rt->segment_cache)->layers[op.il];
-        if ((int64_t) entries.size() < n_seg_eff) {
-            entries.resize(n_seg_eff);
+        if (*n_runs > 0) {
+            auto & entries = ((segment_cache *) rt->segment_cache)->layers[op.il];
+            if ((int64_t) entries.size() > 2 * g.n_seg + 64) {
+                entries.clear();  // mostly cells of sequences that are gone; recomputed when seen again
+            }
+            for (int64_t i = 0; i < *n_runs; i++) {
+                for (int64_t s = 0; runs[i].sparse && (s + 1) * DHSA_SEGMENT <= runs[i].n_eff; s++) {
+                    entries[(int64_t) runs[i].base + s * DHSA_SEGMENT];  // created here, filled below
+                }
+            }
         }
     }
     ggml_barrier(params->threadpool);
-    for (int64_t s = ith; s < n_seg_eff; s += nth) {
-        int32_t * seg_out = seg_bounds + s * g.seg_bounds_ints();
-        float *   seg_kc  = Kc + s * g.seg_chunks * kc_per_chunk;
-        const int64_t seg0 = s * DHSA_SEGMENT, seg1 = std::min(n_eff, seg0 + DHSA_SEGMENT);
+
+    // Phase 2: boundaries and chunk representations, one aligned segment of one sequence per work item.
+    // Complete segments come from the cache when their keys are unchanged; each segment's representations
+    // go to its own slot of Kc (compacted below), so this phase needs no coordination between threads.
+    int64_t n_seg_all = 0;
+    for (int64_t i = 0; i < *n_runs; i++) {
+        n_seg_all += runs[i].sparse ? runs[i].n_seg : 0;
+    }
+    for (int64_t t = ith; t < n_seg_all; t += nth) {
+        const seq_run * run = runs;
+        while (!run->sparse || t >= run->seg_first + run->n_seg) {
+            run++;
+        }
+        const ggml_tensor kr = keys_from(k, *run);
+        const int64_t s = t - run->seg_first;
+        int32_t * seg_out = seg_bounds + t * g.seg_bounds_ints();
+        float *   seg_kc  = Kc + t * g.seg_chunks * kc_per_chunk;
+        const int64_t seg0 = s * DHSA_SEGMENT, seg1 = std::min<int64_t>(run->n_eff, seg0 + DHSA_SEGMENT);
         const bool complete = seg1 - seg0 == DHSA_SEGMENT;
-        segment_entry * entry = complete ? &((segment_cache *) rt->segment_cache)->layers[op.il][s] : nullptr;
-        const uint64_t fp = complete ? segment_fingerprint(k, seg0, seg1, p) : 0;
+        segment_entry * entry = nullptr;
+        if (complete) {
+            auto & entries = ((segment_cache *) rt->segment_cache)->layers[op.il];
+            entry = &entries.find((int64_t) run->base + seg0)->second;  // created in phase 1b
+        }
+        const uint64_t fp = complete ? segment_fingerprint(&kr, seg0, seg1, p) : 0;
         if (entry && entry->valid && entry->fingerprint == fp) {
             seg_out[0] = (int32_t) entry->cuts.size();
             std::copy(entry->cuts.begin(), entry->cuts.end(), seg_out + 1);
             std::copy(entry->kc.begin(), entry->kc.end(), seg_kc);
             continue;
         }
-        if (!segment_bounds(p, k, seg0, seg1, keys, keysim_work, keysim_work_size, seg_out) ||
-            seg_out[0] > g.seg_chunks || !chunk_reprs_of(k, seg0, seg_out + 1, seg_out[0], keys, seg_kc)) {
+        if (!segment_bounds(p, &kr, seg0, seg1, keys, keysim_work, keysim_work_size, seg_out) ||
+            seg_out[0] > g.seg_chunks || !chunk_reprs_of(&kr, seg0, seg_out + 1, seg_out[0], keys, seg_kc)) {
             seg_out[0] = -1;
             if (entry) {
                 entry->valid = false;
@@ -334,38 +463,59 @@ void ggml_compute_forward_dhsa_select(const struct ggml_compute_params * params,
     }
     ggml_barrier(params->threadpool);
 
-    // Phase 3 (thread 0): concatenate boundaries and representations, select the ranges. It is a small
-    // part of the op (one dot product per chunk and query block), so one thread keeps it simple.
+    // Phase 3 (thread 0): per sequence, concatenate boundaries and representations and select its
+    // blocks' ranges; every other block gets dense ranges. It is a small part of the op (one dot product
+    // per chunk and query block), so one thread keeps it simple.
     if (ith == 0) {
-        int32_t n_bounds = 0;
-        bounds[n_bounds++] = 0;
-        for (int64_t s = 0; sparse && s < n_seg_eff; s++) {
-            const int32_t * seg_out = seg_bounds + s * g.seg_bounds_ints();
-            if (seg_out[0] < 0) {
-                sparse = false;
-                break;
+        write_dense_slots(g, pos, rt->q_block, slots, 0, g.n_blocks, 0);
+        bool any_sparse = false;
+        for (int64_t i = 0; i < *n_runs; i++) {
+            const seq_run & run = runs[i];
+            const int64_t b0 = run.r0 / rt->q_block, b1 = (run.r1 + rt->q_block - 1) / rt->q_block;
+            int32_t * run_slots = slots + b0 * g.n_head_kv * g.slot_size;
+            bool ok = run.sparse;
+            int32_t n_bounds = 0;
+            bounds[n_bounds++] = 0;
+            float * run_kc = Kc + run.seg_first * g.seg_chunks * kc_per_chunk;
+            for (int64_t s = 0; ok && s < run.n_seg; s++) {
+                const int64_t t = run.seg_first + s;
+                const int32_t * seg_out = seg_bounds + t * g.seg_bounds_ints();
+                if (seg_out[0] < 0) {
+                    ok = false;
+                    break;
+                }
+                // Kc of segment t moves down to follow the chunks before it (never upwards: memmove).
+                memmove(run_kc + (size_t) (n_bounds - 1) * kc_per_chunk, Kc + t * g.seg_chunks * kc_per_chunk,
+                        sizeof(float) * (size_t) seg_out[0] * kc_per_chunk);
+                for (int32_t c = 0; c < seg_out[0]; c++) {
+                    bounds[n_bounds++] = seg_out[1 + c];
+                }
             }
-            // Kc of segment s moves down to follow the chunks before it (never upwards: memmove).
-            memmove(Kc + (size_t) (n_bounds - 1) * kc_per_chunk, Kc + s * g.seg_chunks * kc_per_chunk,
-                    sizeof(float) * (size_t) seg_out[0] * kc_per_chunk);
-            for (int32_t i = 0; i < seg_out[0]; i++) {
-                bounds[n_bounds++] = seg_out[1 + i];
+            const int32_t n_chunks = n_bounds - 1;
+            ok = ok && n_chunks >= 1 && n_chunks <= g.max_chunks;
+            if (ok) {
+                const dhsa_tensor Q{ (const float *) ((const char *) q->data + run.r0 * q->nb[1]), (int32_t) (run.r1 - run.r0),
+                                     (int32_t) q->ne[2], (int32_t) g.d, (int64_t) (q->nb[1] / sizeof(float)),
+                                     (int64_t) (q->nb[2] / sizeof(float)) };
+                ok = dhsa_query_block_reprs(&Q, (int32_t) g.n_head_kv, rt->q_block, Qb) == DHSA_OK &&
+                     dhsa_select_ranges(&p, Qb, run_kc, bounds, n_chunks, (int32_t) (run.r1 - run.r0),
+                                        pos[run.r0] - run.base, (int32_t) g.n_head_kv, (int32_t) g.d, run_slots,
+                                        (int32_t) g.max_ranges, select_work, select_work_size) == DHSA_OK;
+            }
+            if (!ok) {  // dense over the sequence's own cells
+                write_dense_slots(g, pos, rt->q_block, slots, b0, b1, run.base);
+                continue;
+            }
+            any_sparse = true;
+            for (int64_t j = 0; run.base != 0 && j < (b1 - b0) * g.n_head_kv; j++) {
+                int32_t * slot = run_slots + j * g.slot_size;
+                for (int32_t c = 0; c < slot[0]; c++) {
+                    slot[1 + 2 * c] += run.base;
+                    slot[2 + 2 * c] += run.base;
+                }
             }
         }
-        const int32_t n_chunks = n_bounds - 1;
-        bool ok = sparse && n_chunks >= 1 && n_chunks <= g.max_chunks;
-        if (ok) {
-            const dhsa_tensor Q{ (const float *) q->data, (int32_t) g.n_q, (int32_t) q->ne[2], (int32_t) g.d,
-                                 (int64_t) (q->nb[1] / sizeof(float)), (int64_t) (q->nb[2] / sizeof(float)) };
-            ok = dhsa_query_block_reprs(&Q, (int32_t) g.n_head_kv, rt->q_block, Qb) == DHSA_OK &&
-                 dhsa_select_ranges(&p, Qb, Kc, bounds, n_chunks, (int32_t) g.n_q, q_pos0, (int32_t) g.n_head_kv,
-                                    (int32_t) g.d, slots, (int32_t) g.max_ranges, select_work,
-                                    dhsa_select_ranges_workspace_size((int32_t) g.max_chunks) + kAlign) == DHSA_OK;
-        }
-        *flag = ok ? 1 : 0;
-        if (!ok) {
-            write_dense_slots(g, pos, rt->q_block, slots);
-        }
+        *flag = any_sparse ? 1 : 0;
     }
 }
 

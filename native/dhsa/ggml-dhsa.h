@@ -10,9 +10,12 @@
 // (H a multiple of H_kv) and any head size that ggml_dhsa_supports_head_size accepts.
 //
 // Query positions are read from the mask: row r's position is its last unmasked key (the cache cell the
-// query was stored in). Selection works in cache-cell order, which is token order for one sequence;
-// when the rows are not consecutive cells (several sequences, holes), the op falls back to dense ranges,
-// so the result is always exactly attention under the mask, restricted to the selected keys.
+// query was stored in). Selection works in cache-cell order, which is token order for one sequence.
+// Several sequences in one ubatch (a server's parallel slots in a unified cache) are told apart by the
+// mask, and each is selected on its own keys, from the first cell it sees (ALGORITHM.md, "Several
+// sequences in one ubatch"); query blocks shared by two sequences, and rows that are not in consecutive
+// cells, attend densely. The result is always exactly attention under the mask, restricted to the
+// selected keys.
 //
 // Parameters are read at compute time from a dhsa_runtime owned by the caller (its address is stored in
 // op_params), so a reused graph always sees the current settings (e.g. the prompt's dense tail).
@@ -65,6 +68,9 @@ struct dhsa_runtime {
     // set by the graph hook (llama-dhsa.cpp) each time it builds a layer's attention: an enum
     // dhsa_layer_route, so that the caller can say which layers ran DHSA and why the others did not
     int32_t layer_route[DHSA_MAX_LAYERS];
+    // set by the graph hook with layer_route: 1 for a layer with a sliding window (layers=all), whose mask
+    // hides the keys before the window, so that the selection does not take them for another sequence's
+    int8_t layer_windowed[DHSA_MAX_LAYERS];
     // Which CUDA attention kernel runs an eligible DHSA attention node (enum dhsa_cuda_attn_route): set by
     // the caller; AUTO also honours the PYDHSA_CUDA_ATTN environment variable (ggml-cuda-dhsa-fattn.cu).
     int32_t cuda_attn_route;

@@ -164,7 +164,8 @@ ggml_tensor * llama_dhsa_build_attn(const llm_graph_context & g, ggml_tensor * q
     }
     const dhsa_layer_route route = graph_route(g, *rt, q, k, v, kq_mask, sinks, v_mla, n_kv_max, il);
     if (il >= 0 && il < DHSA_MAX_LAYERS) {
-        rt->layer_route[il] = route;
+        rt->layer_route[il]    = route;
+        rt->layer_windowed[il] = g.hparams.is_swa((uint32_t) il) ? 1 : 0;
     }
     // Enough keys for selection to pay off, and a budget that skips something (transient reasons: not
     // recorded as the layer's route). Budget 1 is dense attention, so it is upstream's own flash attention,
