@@ -26,6 +26,7 @@ pytestmark = pytest.mark.model
 
 LLAMA_CPP_PYTHON = "0.3.36"  # the llama.cpp our fork patches is the one vendored in this release
 PROBE = Path(__file__).with_name("llama_cpp_probe.py")
+SEQS_PROBE = Path(__file__).with_name("llama_cpp_seqs_probe.py")
 REPO = Path(__file__).resolve().parents[1]
 SHORT_PROMPT = "The quick brown fox jumps over the lazy dog. " * 60  # ~600 tokens
 
@@ -175,3 +176,27 @@ def test_openai_server_answers_completions(lcp_env, keyed_model, tmp_path):
             server.kill()
             server.wait()
     assert "pydhsa: DHSA on (the model's GGUF keys)" in log_file.read_text()
+
+
+def test_two_prompts_in_one_ubatch_select_each_as_alone(lcp_env, model_path, model, tmp_path):
+    """llama-server's parallel slots in a unified cache: two NIAH prompts of different lengths prefilled in
+    one ubatch give the same greedy tokens as each alone, and stay sparse: the causal pairs are exactly the
+    sum of the two runs alone (each row counts only its own sequence's keys), and the computed pairs are
+    within 10% of theirs (dense ubatches would compute about twice as many)."""
+    files = []
+    for i, (n_tokens, needle) in enumerate([(900, niah.NEEDLES[0]), (1700, niah.NEEDLES[1])]):
+        path = tmp_path / f"prompt{i}.txt"
+        path.write_text(niah.build_prompt(lambda s: len(model.tokenize(s)), n_tokens, 0.5, needle).text)
+        files.append(str(path))
+    result = subprocess.run([sys.executable, str(SEQS_PROBE), str(model_path), "8", *files],
+                            env={**lcp_env, "PYDHSA_DHSA": "budget=0.3,min_context=512"}, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    together, alone = out["together"], out["alone"]
+    assert together["dhsa"] and all(a["dhsa"] for a in alone)
+    assert together["tokens"] == [a["tokens"][0] for a in alone]
+    assert together["causal"] == sum(a["causal"] for a in alone)
+    for a in alone:
+        assert a["computed"] < 0.8 * a["causal"]  # each prompt alone is sparse
+    assert together["computed"] < 1.1 * sum(a["computed"] for a in alone)

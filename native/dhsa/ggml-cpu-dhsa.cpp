@@ -41,6 +41,7 @@ constexpr int64_t kMaxRuns = 16;
 struct seq_run {
     int64_t r0, r1;
     int32_t base, n_eff;
+    int32_t last_pos;          // the position of the sequence's last row in the ubatch, from base
     int64_t seg_first, n_seg;  // its segments in the per-segment arrays of the selection's workspace
     bool    sparse;            // enough keys (min_context) and a valid selection
 };
@@ -288,6 +289,7 @@ int64_t find_runs(const ggml_tensor * mask, const int32_t * pos, const select_ge
         run.r1 = r1;
         run.base  = base;
         run.n_eff = pos[r1 - 1] + 1 - base;
+        run.last_pos  = pos[e0 - 1] - base;
         run.seg_first = n_seg_used;
         run.n_seg     = (run.n_eff + DHSA_SEGMENT - 1) / DHSA_SEGMENT;
         run.sparse    = run.n_eff >= rt->min_context && n_seg_used + run.n_seg <= g.n_seg;
@@ -493,12 +495,18 @@ void ggml_compute_forward_dhsa_select(const struct ggml_compute_params * params,
             }
             const int32_t n_chunks = n_bounds - 1;
             ok = ok && n_chunks >= 1 && n_chunks <= g.max_chunks;
+            dhsa_params p_run = p;  // positions from the sequence's first cell
+            for (int32_t e = 0; e < std::min(rt->n_tail_ends, DHSA_MAX_TAIL_ENDS); e++) {
+                if (rt->tail_ends[e] == run.last_pos) {
+                    p_run.dense_from = std::min(p.dense_from, run.last_pos + 1 - rt->dense_tail);
+                }
+            }
             if (ok) {
                 const dhsa_tensor Q{ (const float *) ((const char *) q->data + run.r0 * q->nb[1]), (int32_t) (run.r1 - run.r0),
                                      (int32_t) q->ne[2], (int32_t) g.d, (int64_t) (q->nb[1] / sizeof(float)),
                                      (int64_t) (q->nb[2] / sizeof(float)) };
                 ok = dhsa_query_block_reprs(&Q, (int32_t) g.n_head_kv, rt->q_block, Qb) == DHSA_OK &&
-                     dhsa_select_ranges(&p, Qb, run_kc, bounds, n_chunks, (int32_t) (run.r1 - run.r0),
+                     dhsa_select_ranges(&p_run, Qb, run_kc, bounds, n_chunks, (int32_t) (run.r1 - run.r0),
                                         pos[run.r0] - run.base, (int32_t) g.n_head_kv, (int32_t) g.d, run_slots,
                                         (int32_t) g.max_ranges, select_work, select_work_size) == DHSA_OK;
             }

@@ -30,6 +30,7 @@ extern "C" {
 #endif
 
 #define DHSA_MAX_LAYERS 512
+#define DHSA_MAX_TAIL_ENDS 64  // prompts of one decode call with a dense tail of their own
 
 // Keys are chunked in aligned segments of this many cache cells; boundaries inside a complete segment
 // therefore never move when more keys arrive (ALGORITHM.md: "boundaries of keys already in the cache never
@@ -49,6 +50,11 @@ struct dhsa_runtime {
     int32_t all_layers;   // 0: global layers only, 1: sliding-window layers too
     // set by the caller per decode call: blocks with a query at cell >= dense_from attend densely
     int32_t dense_from;
+    // set by the caller per decode call of several prompts: the last position of each prompt that asks for
+    // logits. A sequence of the ubatch whose last row sits at one of them (counted from the sequence's
+    // first cell) has its own dense tail: blocks with a query past end - dense_tail attend densely.
+    int32_t n_tail_ends;
+    int32_t tail_ends[DHSA_MAX_TAIL_ENDS];
     // set by the caller: graphs built while this is non-zero keep upstream flash attention (dense decode);
     // read when a graph is built, unlike dense_from, so a reused graph may still hold the DHSA ops
     int32_t upstream_graphs;

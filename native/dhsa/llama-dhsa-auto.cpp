@@ -196,39 +196,50 @@ void llama_dhsa_before_decode(llama_context * ctx, const llama_batch & batch) {
         rt = it->second.get();
     }
     const bool sparse_decode = rt->sparse_decode != 0;
+    rt->n_tail_ends          = 0;
     if (batch.n_tokens <= 0) {
         return;
     }
-    // A decode step: no sequence has more than one token in the call.
-    std::unordered_map<llama_seq_id, int32_t> per_seq;
-    bool decode_step = true;
-    for (int32_t i = 0; i < batch.n_tokens && decode_step; i++) {
+    // Per sequence: its tokens in the call, and its last one.
+    struct seq_tokens {
+        int32_t count = 0, last = -1;
+    };
+    std::unordered_map<llama_seq_id, seq_tokens> per_seq;
+    for (int32_t i = 0; i < batch.n_tokens; i++) {
         const int32_t n_ids = batch.n_seq_id ? batch.n_seq_id[i] : 1;
         for (int32_t j = 0; j < n_ids; j++) {
-            const llama_seq_id seq = batch.seq_id ? batch.seq_id[i][j] : 0;
-            decode_step            = ++per_seq[seq] <= 1;
+            seq_tokens & t = per_seq[batch.seq_id ? batch.seq_id[i][j] : 0];
+            t.count++;
+            t.last = i;
         }
+    }
+    // A decode step: no sequence has more than one token in the call.
+    bool decode_step = true;
+    for (const auto & [seq, t] : per_seq) {
+        decode_step = decode_step && t.count <= 1;
     }
     if (decode_step) {
         rt->upstream_graphs = sparse_decode ? 0 : 1;
         rt->dense_from      = sparse_decode ? INT32_MAX : 0;  // 0: a reused DHSA graph attends to everything
         return;
     }
-    rt->upstream_graphs  = 0;
-    const int32_t last   = batch.n_tokens - 1;
-    const bool wants_out = batch.logits ? batch.logits[last] != 0 : true;  // no logits array: the last token
-    if (!wants_out) {
-        rt->dense_from = INT32_MAX;
-        return;
+    rt->upstream_graphs = 0;
+    // The dense tail: the last dense_tail tokens of a prompt attend to everything, where the sequence's
+    // last token in the call asks for logits (the end of a prompt, as far as llama.h tells; no logits
+    // array: the call's last token). With one sequence, as the positions from dense_from, which every
+    // backend's selection reads; with several, each prompt's end goes to tail_ends, where the op finds
+    // the sequence whose last row it is (one dense_from would make the longer prompts' tails too long).
+    rt->dense_from = INT32_MAX;
+    for (const auto & [seq, t] : per_seq) {
+        if (batch.logits ? batch.logits[t.last] == 0 : t.last != batch.n_tokens - 1) {
+            continue;
+        }
+        // Without positions in the batch they continue the sequence in the memory.
+        const llama_pos end = batch.pos ? batch.pos[t.last] : llama_memory_seq_pos_max(llama_get_memory(ctx), seq) + t.count;
+        if (per_seq.size() == 1) {
+            rt->dense_from = (int32_t) std::max<int64_t>(0, (int64_t) end + 1 - rt->dense_tail);
+        } else if (rt->n_tail_ends < DHSA_MAX_TAIL_ENDS) {
+            rt->tail_ends[rt->n_tail_ends++] = end;
+        }
     }
-    llama_pos last_pos = 0;
-    if (batch.pos) {
-        last_pos = batch.pos[last];
-    } else {  // positions continue the sequence in the memory
-        const llama_seq_id seq = batch.seq_id ? batch.seq_id[last][0] : 0;
-        last_pos               = llama_memory_seq_pos_max(llama_get_memory(ctx), seq) + batch.n_tokens;
-    }
-    // Cells are positions for one sequence in a fresh cache (the case DHSA selects for; several sequences
-    // run dense ranges in the op), so the tail is the last dense_tail positions.
-    rt->dense_from = (int32_t) std::max<int64_t>(0, (int64_t) last_pos + 1 - rt->dense_tail);
 }
