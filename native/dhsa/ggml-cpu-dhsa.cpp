@@ -43,7 +43,7 @@ struct seq_run {
     int32_t base, n_eff;
     int32_t last_pos;          // the position of the sequence's last row in the ubatch, from base
     int64_t seg_first, n_seg;  // its segments in the per-segment arrays of the selection's workspace
-    bool    sparse;            // enough keys (min_context) and a valid selection
+    bool    sparse;            // to be selected: enough keys (min_context) and room in the workspace
 };
 
 size_t align_up(size_t n) {
