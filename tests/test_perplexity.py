@@ -86,7 +86,10 @@ def test_perplexity_equals_a_direct_computation(model, model_path, text_file, tm
             s.prefill(window[j:j + 1])
             _, row = _direct(s.logits()[None, :], np.array([window[j + 1]]))
             nll.append(row[0])
-    assert json.loads(out.read_text())["ppl"] == pytest.approx(math.exp(np.mean(nll)), rel=2e-3)
+    # One token per call and 64 per call take different upstream matmul paths on the quantised weights; a
+    # CI run saw them 0.4% apart in perplexity (48.22 vs 48.04), so 1% leaves room for that, not for a
+    # wrong window or an off-by-one position (tens of percent).
+    assert json.loads(out.read_text())["ppl"] == pytest.approx(math.exp(np.mean(nll)), rel=1e-2)
 
 
 @pytest.mark.model
