@@ -401,10 +401,10 @@ void ggml_compute_forward_dhsa_select(const struct ggml_compute_params * params,
         if (excess > 0) {  // the attention kernel counts pos + 1 causal keys per row and head
             __atomic_fetch_sub(&op.rt->pairs_causal[op.il], excess * q->ne[2], __ATOMIC_RELAXED);
         }
-        if (*n_runs > 0 && !rt->segment_cache) {
-            op.rt->segment_cache = new segment_cache;
-        }
         if (*n_runs > 0) {
+            if (!rt->segment_cache) {
+                op.rt->segment_cache = new segment_cache;
+            }
             auto & entries = ((segment_cache *) rt->segment_cache)->layers[op.il];
             if ((int64_t) entries.size() > 2 * g.n_seg + 64) {
                 entries.clear();  // mostly cells of sequences that are gone; recomputed when seen again
