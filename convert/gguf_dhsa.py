@@ -618,24 +618,26 @@ def _fmt_val(v: Any) -> str:
 
 
 def run_convert(args: argparse.Namespace, stdout: TextIO | None = None,
-                stderr: TextIO | None = None) -> int:
+                stderr: TextIO | None = None, error_prefix: str = "error: ") -> int:
     """Run the conversion described by parsed ``args``; returns the exit status.
 
     0 on success (one summary line on stdout unless --quiet), 2 with one ``error: ...`` line
     on stderr for bad input, 1 with one ``error: ...`` line when the output cannot be written.
+    ``error_prefix``: how that line starts (``pydhsa convert`` says ``pydhsa: error: ``, as its other
+    subcommands do).
     """
     out = stdout if stdout is not None else sys.stdout
     err = stderr if stderr is not None else sys.stderr
     if os.path.isdir(args.input):
-        return _run_convert_hf(args, out, err)
+        return _run_convert_hf(args, out, err, error_prefix)
     if getattr(args, "outtype", None) is not None:
-        err.write("error: --outtype applies only to a Hugging Face checkpoint folder; a GGUF "
+        err.write(f"{error_prefix}--outtype applies only to a Hugging Face checkpoint folder; a GGUF "
                   "input keeps its tensor types\n")
         return 2
     res, status = _reporting_errors(err, lambda: convert_gguf(
         args.input, args.output, set_values=cli_values(args), remove=getattr(args, "remove_dhsa", False),
         write_defaults=getattr(args, "write_defaults", False), progress=getattr(args, "progress", None),
-        progress_stream=err))
+        progress_stream=err), error_prefix)
     if res is None:
         return status
     if not getattr(args, "quiet", False):
@@ -652,7 +654,7 @@ def run_convert(args: argparse.Namespace, stdout: TextIO | None = None,
     return 0
 
 
-def _reporting_errors(err: TextIO, convert: Any) -> tuple[Any, int]:
+def _reporting_errors(err: TextIO, convert: Any, error_prefix: str) -> tuple[Any, int]:
     """Run one conversion; on failure write one ``error: ...`` line and give the exit status:
     2 for bad input, 1 when the output could not be written."""
     try:
@@ -660,17 +662,17 @@ def _reporting_errors(err: TextIO, convert: Any) -> tuple[Any, int]:
     except (ConvertError, DhsaParamError, GgufFormatError, OSError) as e:
         bad_input = isinstance(e, (ConvertError, DhsaParamError, GgufFormatError)) \
             and not isinstance(e, ConvertIOError)
-        err.write(f"error: {e}\n")
+        err.write(f"{error_prefix}{e}\n")
         return None, 2 if bad_input else 1
 
 
-def _run_convert_hf(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+def _run_convert_hf(args: argparse.Namespace, out: TextIO, err: TextIO, error_prefix: str) -> int:
     """``run_convert`` for a Hugging Face checkpoint folder (see convert.hf_gemma)."""
     from .hf_gemma import DEFAULT_OUTTYPE, convert_hf
     res, status = _reporting_errors(err, lambda: convert_hf(
         args.input, args.output, outtype=getattr(args, "outtype", None) or DEFAULT_OUTTYPE,
         set_values=cli_values(args), write_defaults=getattr(args, "write_defaults", False),
-        progress=getattr(args, "progress", None), progress_stream=err))
+        progress=getattr(args, "progress", None), progress_stream=err), error_prefix)
     if res is None:
         return status
     if not getattr(args, "quiet", False):

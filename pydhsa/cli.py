@@ -174,7 +174,7 @@ def _add_convert_parser(sub) -> None:
 
 def cmd_convert(args) -> int:
     from convert.gguf_dhsa import run_convert
-    return run_convert(args)
+    return run_convert(args, error_prefix="pydhsa: error: ")
 
 
 def _add_lib_path_parser(sub) -> None:
@@ -244,13 +244,20 @@ def _read_prompt(args) -> str:
     if args.file is not None:
         path = Path(args.file)
         try:
-            text = path.read_text(encoding="utf-8")
+            data = path.read_bytes()
         except FileNotFoundError:
             raise UsageError(f"prompt file not found: {path}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"cannot read prompt file {path}: {e}") from None
+        except OSError as e:
+            raise UsageError(f"cannot read prompt file {path}: {e.strerror or e}") from None
+        where = f"prompt file {path}"
     else:
-        text = args.prompt
+        # a command line argument that is not UTF-8 reaches Python with its bad bytes as surrogates
+        data = os.fsencode(args.prompt)
+        where = "-p prompt"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"the {where} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None
     if not text:
         raise UsageError("the prompt is empty")
     return text
@@ -436,6 +443,9 @@ def cmd_run(args) -> int:
                   f" | generated {t.n_generate} tokens in {t.t_generate_ms / 1e3:.2f} s ({t.generate_tok_s:.1f} tok/s)"
                   f" | load {t.t_load_ms / 1e3:.2f} s | peak memory {_mib(t.peak_rss_bytes)}"
                   f" | threads {session.n_threads}", file=sys.stderr)
+            if t.n_past >= session.n_ctx and args.n_predict != 0 and t.n_generate != args.n_predict:
+                print(f"pydhsa: the context is full ({session.n_ctx} tokens): generation stopped after "
+                      f"{t.n_generate} token{'s' if t.n_generate != 1 else ''}; raise -c for more", file=sys.stderr)
             if args.verbose:
                 _report_routes(session)
                 _report_density(session, args.n_gpu_layers)

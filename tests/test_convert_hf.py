@@ -480,7 +480,7 @@ def run_pydhsa(capsys, *argv):
 
 def one_error(err):
     lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert len(lines) == 1 and lines[0].startswith("pydhsa: error: "), err
     return lines[0]
 
 

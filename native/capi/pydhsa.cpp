@@ -6,6 +6,7 @@
 // architecture), and the log reaches stderr only in verbose mode.
 
 #include "pydhsa.h"
+#include "pydhsa-hparams-check.h"
 #include "pydhsa-settings.h"
 
 #include "ggml-cpu-dhsa.h"
@@ -267,6 +268,10 @@ static int32_t load_model(const char * path, int32_t n_gpu_layers, bool metadata
     }
     ensure_backend();
     clear_last_log_error();
+    const std::string bad_hparams = pydhsa_hparams_problem(path);
+    if (!bad_hparams.empty()) {
+        return set_error(err, PYDHSA_ERR_MODEL, "cannot load %s: %s", path, bad_hparams.c_str());
+    }
 
     llama_model_params params = llama_model_default_params();
     params.n_gpu_layers       = n_gpu_layers;
