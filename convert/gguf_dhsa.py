@@ -28,11 +28,11 @@ import mmap
 import os
 import struct
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence, TextIO
 
+from pydhsa.tempfiles import make_temp, remove_stale_temps
 from pydhsa.dhsa_params import (
     PARAMS,
     PARAMS_BY_NAME,
@@ -542,9 +542,10 @@ def _copy_region(out, mm, start: int, size: int, prog: _Progress) -> None:
 def _write_atomically(dst: str, meta: bytes, mm, data_start: int, data_size: int,
                       prog: _Progress) -> None:
     d = os.path.dirname(os.path.abspath(dst))
-    base = os.path.basename(dst)
+    remove_stale_temps(dst)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=d)
+        fd, tmp = make_temp(dst)
+        tmp = str(tmp)
     except OSError as e:
         raise ConvertIOError(f"cannot create output in {d}: {e.strerror or e}") from e
     ok = False

@@ -44,7 +44,6 @@ import math
 import os
 import struct
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, TextIO
 
@@ -60,6 +59,7 @@ from .gguf_dhsa import (
     fsync_directory,
     write_error,
 )
+from pydhsa.tempfiles import make_temp, remove_stale_temps
 from pydhsa.dhsa_params import (
     PARAMS,
     PARAMS_BY_NAME,
@@ -1191,8 +1191,10 @@ def convert_hf(
 
     d = os.path.dirname(os.path.abspath(dst))
     base = os.path.basename(dst)
+    remove_stale_temps(dst)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=d)
+        fd, tmp = make_temp(dst)
+        tmp = str(tmp)
     except OSError as e:
         raise ConvertIOError(f"cannot create output in {d}: {e.strerror or e}") from e
     os.close(fd)

