@@ -24,14 +24,16 @@ from __future__ import annotations
 
 import argparse
 import errno
-import mmap
 import os
 import struct
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence, TextIO
 
+from pydhsa.gguf_layout import (
+    DEFAULT_ALIGNMENT, GgufInputError, GgufLayout, MappedInput, TensorInfo, align, parse_layout, read_layout,
+)
+from pydhsa.progress import ByteProgress as _Progress, isatty as _isatty
 from pydhsa.tempfiles import make_temp, remove_stale_temps
 from pydhsa.dhsa_params import (
     PARAMS,
@@ -39,14 +41,12 @@ from pydhsa.dhsa_params import (
     DhsaParamError,
     GgufFormatError,
     GgufKv,
-    GgufKvSection,
     add_dhsa_arguments,
     cli_values,
     coerce_gguf_value,
     config_from_values,
     gguf_key,
     gguf_prefix,
-    scan_gguf_kv,
 )
 
 __all__ = [
@@ -55,10 +55,9 @@ __all__ = [
     "DEFAULT_ALIGNMENT",
 ]
 
-DEFAULT_ALIGNMENT = 32
+
 COPY_CHUNK = 8 << 20                 # bytes per read/write while streaming tensor data
 AUTO_PROGRESS_MIN_BYTES = 32 << 20   # auto progress only for copies at least this large
-PROGRESS_STEP = 5                    # percent between progress reports
 
 _T_UINT32, _T_FLOAT32, _T_STRING = 4, 6, 8
 
@@ -74,160 +73,6 @@ class ConvertIOError(ConvertError):
 # --------------------------------------------------------------------------------------------
 # Layout of an input file
 # --------------------------------------------------------------------------------------------
-
-@dataclass
-class TensorInfo:
-    name: str
-    shape: tuple[int, ...]      # GGUF order (ne0 first)
-    ggml_type: int
-    offset: int                 # relative to the data region
-    n_bytes: int | None         # None for a ggml type this gguf package does not know
-
-
-@dataclass
-class GgufLayout:
-    path: str
-    file_size: int
-    kv: GgufKvSection
-    tensors: list[TensorInfo]
-    ti_start: int               # first tensor-info record (== kv.end)
-    ti_end: int                 # just past the last tensor-info record
-    alignment: int
-    data_offset: int            # start of the tensor data region (aligned ti_end)
-    data_size: int              # bytes from data_offset to end of file
-    arch: str | None = None
-
-    @property
-    def byteorder(self) -> str:
-        return self.kv.byteorder
-
-
-def _ggml_sizes() -> dict[int, tuple[int, int]]:
-    try:
-        from gguf.constants import GGML_QUANT_SIZES
-    except ImportError:  # pragma: no cover - gguf is a dependency, but be graceful
-        return {}
-    return {int(k): v for k, v in GGML_QUANT_SIZES.items()}
-
-
-def _parse_layout(buf, path: str) -> GgufLayout:
-    size = len(buf)
-    kv = scan_gguf_kv(buf)
-    bo = kv.byteorder
-    pos = kv.end
-    tensors: list[TensorInfo] = []
-    sizes = _ggml_sizes()
-    names: set[str] = set()
-
-    def need(k: int, what: str) -> None:
-        if pos + k > size:
-            raise GgufFormatError(f"truncated GGUF: {what} at offset {pos} needs {k} bytes, "
-                                  f"file has {size}")
-
-    for i in range(kv.tensor_count):
-        need(8, f"name length of tensor #{i}")
-        nlen = struct.unpack_from(bo + "Q", buf, pos)[0]
-        pos += 8
-        need(nlen, f"name of tensor #{i}")
-        try:
-            name = bytes(buf[pos:pos + nlen]).decode("utf-8")
-        except UnicodeDecodeError:
-            raise GgufFormatError(f"corrupt GGUF: name of tensor #{i} is not UTF-8") from None
-        pos += nlen
-        if name in names:
-            raise GgufFormatError(f"corrupt GGUF: duplicate tensor name {name!r}")
-        names.add(name)
-        need(4, f"dimension count of tensor {name!r}")
-        n_dims = struct.unpack_from(bo + "I", buf, pos)[0]
-        pos += 4
-        if n_dims > 8:
-            raise GgufFormatError(f"corrupt GGUF: tensor {name!r} has {n_dims} dimensions")
-        need(8 * n_dims + 12, f"shape/type/offset of tensor {name!r}")
-        shape = struct.unpack_from(f"{bo}{n_dims}Q", buf, pos)
-        pos += 8 * n_dims
-        ggml_type, offset = struct.unpack_from(bo + "IQ", buf, pos)
-        pos += 12
-        n_bytes = None
-        if ggml_type in sizes:
-            block, type_size = sizes[ggml_type]
-            n_el = 1
-            for d in shape:
-                n_el *= d
-            n_bytes = n_el * type_size // block
-        tensors.append(TensorInfo(name, tuple(shape), ggml_type, offset, n_bytes))
-    ti_end = pos
-
-    alignment = DEFAULT_ALIGNMENT
-    al = kv.get("general.alignment")
-    if al is not None:
-        if al.vtype != _T_UINT32:
-            raise GgufFormatError("corrupt GGUF: general.alignment is not UINT32")
-        alignment = al.value
-        if alignment == 0 or alignment & (alignment - 1):
-            raise GgufFormatError(f"corrupt GGUF: general.alignment {alignment} "
-                                  f"is not a power of two")
-    data_offset = _align(ti_end, alignment)
-    if data_offset > size:
-        if tensors:
-            raise GgufFormatError(f"truncated GGUF: data region starts at {data_offset}, "
-                                  f"file has {size} bytes")
-        data_offset = size  # metadata-only file without trailing padding
-    data_size = size - data_offset
-    for t in tensors:
-        end = t.offset + (t.n_bytes or 0)
-        if end > data_size:
-            raise GgufFormatError(
-                f"truncated GGUF: tensor {t.name!r} ends at {data_offset + end}, "
-                f"file has {size} bytes")
-    arch_kv = kv.get("general.architecture")
-    arch = arch_kv.value if arch_kv is not None and arch_kv.vtype == _T_STRING else None
-    return GgufLayout(path, size, kv, tensors, kv.end, ti_end, alignment, data_offset,
-                      data_size, arch)
-
-
-def _align(n: int, a: int) -> int:
-    return (n + a - 1) // a * a
-
-
-class _MappedInput:
-    """Read-only view of the input file (mmap; never writable)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        try:
-            self.f = open(path, "rb")
-        except FileNotFoundError:
-            raise ConvertError(f"input file not found: {path}") from None
-        except IsADirectoryError:
-            raise ConvertError(f"input is a directory, not a GGUF file: {path}") from None
-        except OSError as e:
-            raise ConvertError(f"cannot open input {path}: {e.strerror or e}") from None
-        self.mm = None
-        try:
-            st = os.fstat(self.f.fileno())
-            import stat as _stat
-            if not _stat.S_ISREG(st.st_mode):
-                raise ConvertError(f"input is not a regular file: {path}")
-            self.size = st.st_size
-            if self.size == 0:
-                raise ConvertError(f"{path} is not a GGUF file (empty file)")
-            self.mm = mmap.mmap(self.f.fileno(), 0, access=mmap.ACCESS_READ)
-        except BaseException:
-            self.f.close()
-            raise
-
-    def close(self) -> None:
-        if self.mm is not None:
-            self.mm.close()
-            self.mm = None
-        self.f.close()
-
-    def __enter__(self) -> "_MappedInput":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
 
 def write_error(dst: str | os.PathLike[str], e: OSError) -> ConvertIOError:
     """The error for an OSError while writing the output (a full disk named as such)."""
@@ -252,12 +97,10 @@ def inspect_gguf(path: str | os.PathLike[str]) -> GgufLayout:
 
     Raises ConvertError for a missing file, a file that is not GGUF, truncated or corrupt.
     """
-    path = os.fspath(path)
-    with _MappedInput(path) as inp:
-        try:
-            return _parse_layout(inp.mm, path)
-        except GgufFormatError as e:
-            raise ConvertError(f"{path}: {e}") from None
+    try:
+        return read_layout(path)
+    except GgufInputError as e:
+        raise ConvertError(str(e)) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,47 +124,6 @@ def encode_kv(key: str, vtype: int, value: Any, byteorder: str = "<") -> bytes:
     else:
         raise ValueError(f"unsupported GGUF value type {vtype} for {key}")
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Progress
-# --------------------------------------------------------------------------------------------
-
-class _Progress:
-    def __init__(self, total: int, enabled: bool, stream: TextIO, label: str) -> None:
-        self.total, self.enabled, self.stream, self.label = total, enabled, stream, label
-        self.tty = enabled and _isatty(stream)
-        self.next_pct = PROGRESS_STEP
-        self.t0 = time.monotonic()
-
-    def update(self, done: int) -> None:
-        if not self.enabled or self.total <= 0:
-            return
-        pct = done * 100 // self.total
-        if pct < self.next_pct and done < self.total:
-            return
-        while self.next_pct <= pct:
-            self.next_pct += PROGRESS_STEP
-        mib = 1 << 20
-        line = (f"{self.label}: {pct:3d}% ({done / mib:.1f}/{self.total / mib:.1f} MiB, "
-                f"{time.monotonic() - self.t0:.1f} s)")
-        if self.tty:
-            self.stream.write("\r" + line + ("\n" if done >= self.total else ""))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-    def abort(self) -> None:
-        if self.tty and self.next_pct > PROGRESS_STEP and self.next_pct <= 100:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _isatty(stream: Any) -> bool:
-    try:
-        return bool(stream.isatty())
-    except Exception:
-        return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,9 +237,13 @@ def convert_gguf(
         if name not in PARAMS_BY_NAME:
             raise ConvertError(f"unknown DHSA parameter {name!r}")
 
-    with _MappedInput(src) as inp:
+    try:
+        inp = MappedInput(src)
+    except GgufInputError as e:
+        raise ConvertError(str(e)) from None
+    with inp:
         try:
-            layout = _parse_layout(inp.mm, src)
+            layout = parse_layout(inp.mm, src)
         except GgufFormatError as e:
             raise ConvertError(f"{src}: {e}") from None
         arch = layout.arch
@@ -508,7 +314,7 @@ def convert_gguf(
         meta += mm[layout.ti_start:layout.ti_end]
         has_data_region = layout.data_offset > layout.ti_end or layout.data_size > 0 \
             or layout.kv.tensor_count > 0
-        new_data_offset = _align(len(meta), layout.alignment) if has_data_region else len(meta)
+        new_data_offset = align(len(meta), layout.alignment) if has_data_region else len(meta)
         meta += b"\x00" * (new_data_offset - len(meta))
 
         show = progress

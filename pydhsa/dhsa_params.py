@@ -568,7 +568,7 @@ def scan_gguf_kv(buf, decode_arrays: bool = False) -> GgufKvSection:
     """Parse the header and KV section of GGUF bytes (bytes, memoryview or mmap).
 
     The one GGUF header reader of the package (``read_gguf_dhsa``, ``pydhsa info`` through
-    ``convert.gguf_dhsa.inspect_gguf``, the key-copying converter). Why not ``gguf.GGUFReader``: it builds
+    ``gguf_layout.read_layout``, the key-copying converter). Why not ``gguf.GGUFReader``: it builds
     numpy views for every array element, and on the embedded Gemma 3 270M GGUF (a 262,144-entry
     vocabulary) it took 16.5 s where this scan takes 0.06 s; and the converter needs each record's byte
     range to copy the other keys byte for byte. ``gguf`` still writes our files and names the types.

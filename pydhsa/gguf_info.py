@@ -57,12 +57,12 @@ def read_gguf_info(path: str | os.PathLike) -> GgufInfo:
     """Parse the header and tensor table (not the weights; large arrays such as the vocabulary are
     skipped, not decoded); raise ModelFileError if the file is not a complete GGUF."""
     import gguf
-    from convert.gguf_dhsa import ConvertError, inspect_gguf
+    from .gguf_layout import GgufInputError, read_layout
 
     p = check_model_path(path)
     try:
-        layout = inspect_gguf(p)
-    except ConvertError as e:
+        layout = read_layout(p)
+    except GgufInputError as e:
         raise ModelFileError(str(e)) from None
     metadata: dict[str, Any] = {}
     for kv in layout.kv.kvs:

