@@ -87,7 +87,7 @@ def make_model(workdir: Path, shape: str = "gemma3-1b") -> Path:
         return gguf_path
     import torch
     import transformers
-    from convert.hf_gemma import convert_hf
+    from pydhsa_convert.hf_gemma import convert_hf
     ck = workdir / "checkpoint"
     ck.mkdir(parents=True, exist_ok=True)
     make_tokenizer(ck)

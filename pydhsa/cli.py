@@ -164,7 +164,7 @@ def _add_info_parser(sub) -> None:
 
 
 def _add_convert_parser(sub) -> None:
-    from convert.gguf_dhsa import add_convert_arguments
+    from pydhsa_convert.gguf_dhsa import add_convert_arguments
     p = sub.add_parser("convert", help="write a GGUF with DHSA keys added, changed or removed",
                        description="Copy a GGUF file with <arch>.dhsa.* keys added, changed or removed; all other "
                                    "metadata and the tensor data are copied byte for byte.")
@@ -173,7 +173,7 @@ def _add_convert_parser(sub) -> None:
 
 
 def cmd_convert(args) -> int:
-    from convert.gguf_dhsa import run_convert
+    from pydhsa_convert.gguf_dhsa import run_convert
     return run_convert(args, error_prefix="pydhsa: error: ")
 
 

@@ -2,7 +2,7 @@
 
 The one reader of GGUF layout in the package (over `dhsa_params.scan_gguf_kv`, whose docstring says why it is
 not `gguf.GGUFReader`): `pydhsa info` reads a file's facts through it, and the key-copying converter
-(convert/gguf_dhsa.py) uses the byte ranges to copy everything but the DHSA keys byte for byte.
+(convert/pydhsa_convert/gguf_dhsa.py) uses the byte ranges to copy everything but the DHSA keys byte for byte.
 
     read_layout(path) -> GgufLayout        # raises GgufInputError: missing, not a file, not GGUF, truncated
 """

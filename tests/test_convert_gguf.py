@@ -10,8 +10,8 @@ import pytest
 gguf = pytest.importorskip("gguf")
 np = pytest.importorskip("numpy")
 
-from convert import gguf_dhsa as cg  # noqa: E402
-from convert.gguf_dhsa import ConvertError, ConvertIOError, convert_gguf, inspect_gguf, main  # noqa: E402
+from pydhsa_convert import gguf_dhsa as cg  # noqa: E402
+from pydhsa_convert.gguf_dhsa import ConvertError, ConvertIOError, convert_gguf, inspect_gguf, main  # noqa: E402
 from pydhsa.dhsa_params import read_gguf_dhsa  # noqa: E402
 
 T = gguf.GGUFValueType
@@ -308,7 +308,7 @@ def test_cli_module_entry_point(synth, tmp_path):
     import sys
     src, _ = synth
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    p = subprocess.run([sys.executable, "-m", "convert", "gguf", str(src), str(src)],
+    p = subprocess.run([sys.executable, "-m", "pydhsa_convert", "gguf", str(src), str(src)],
                        cwd=root, capture_output=True, text=True)
     assert p.returncode == 2
     assert_one_error_line(p.stderr)

@@ -1,4 +1,4 @@
-"""Hugging Face Gemma 2 / Gemma 3 checkpoint -> GGUF (convert/hf_gemma.py), checked against transformers.
+"""Hugging Face Gemma 2 / Gemma 3 checkpoint -> GGUF (convert/pydhsa_convert/hf_gemma.py), checked against transformers.
 
 Everything is built here: a SentencePiece tokenizer trained on a few KB of generated text (Gemma's
 special tokens <pad>, <eos>, <bos>, <unk> at ids 0..3), and tiny random-weight Gemma2ForCausalLM /
@@ -34,10 +34,10 @@ import transformers
 import sentencepiece as spm
 import gguf
 
-from convert import gguf_dhsa
-from convert import hf_gemma
-from convert.gguf_dhsa import ConvertError, ConvertIOError
-from convert.hf_gemma import convert_hf, read_hf_config
+from pydhsa_convert import gguf_dhsa
+from pydhsa_convert import hf_gemma
+from pydhsa_convert.gguf_dhsa import ConvertError, ConvertIOError
+from pydhsa_convert.hf_gemma import convert_hf, read_hf_config
 from pydhsa.dhsa_params import PARAM_NAMES, read_gguf_dhsa
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -642,7 +642,7 @@ def test_failure_while_writing_leaves_nothing(checkpoints, tmp_path, capsys, mon
 
 
 def test_gguf_converter_unchanged_for_files(tmp_path, capsys):
-    """A directory goes to the HF converter; `python -m convert gguf DIR OUT` names the problem."""
+    """A directory goes to the HF converter; `python -m pydhsa_convert gguf DIR OUT` names the problem."""
     rc = gguf_dhsa.main(["gguf", str(tmp_path), str(tmp_path / "o.gguf")])
     _, err = capsys.readouterr()
-    assert rc == 2 and "directory" in one_error(err, prefix="error: ")  # python -m convert's own prefix
+    assert rc == 2 and "directory" in one_error(err, prefix="error: ")  # python -m pydhsa_convert's own prefix

@@ -23,7 +23,7 @@ import pytest
 import torch
 import transformers
 
-from convert.hf_gemma import convert_hf
+from pydhsa_convert.hf_gemma import convert_hf
 from conftest import DENSE_RANGES
 from pydhsa import Model
 from pydhsa.dhsa_params import DhsaConfig

@@ -1,5 +1,6 @@
-"""The arrows between our Python packages run one way: `convert` (the converters) uses `pydhsa`, and no module
-of `pydhsa` imports `convert` when it is imported (only the CLI's `convert` subcommand calls into it)."""
+"""The arrows between our Python packages run one way: `pydhsa_convert` (the converters, the repository's convert/
+folder) uses `pydhsa`, and no module of `pydhsa` imports it when imported (only the CLI's `convert` subcommand
+calls into it). The wheel installs no generic top-level `convert` package."""
 from __future__ import annotations
 
 import subprocess
@@ -12,7 +13,7 @@ for m in pkgutil.walk_packages({package}.__path__, "{package}."):
     if m.name.endswith("__main__"):
         continue
     importlib.import_module(m.name)
-print(" ".join(sorted(name for name in sys.modules if name.split(".")[0] in ("pydhsa", "convert"))))
+print(" ".join(sorted(name for name in sys.modules if name.split(".")[0] in ("pydhsa", "pydhsa_convert", "convert"))))
 """
 
 
@@ -23,12 +24,20 @@ def imported_by(package: str) -> set[str]:
     return set(result.stdout.split())
 
 
-def test_pydhsa_does_not_import_convert():
+def test_pydhsa_does_not_import_the_converters():
     modules = imported_by("pydhsa")
     assert "pydhsa.cli" in modules and "pydhsa.gguf_info" in modules and "pydhsa.models" in modules
-    assert not {m for m in modules if m.split(".")[0] == "convert"}
+    assert not {m for m in modules if m.split(".")[0] in ("pydhsa_convert", "convert")}
 
 
-def test_convert_imports_pydhsa_alone():
-    modules = imported_by("convert")
-    assert {"convert.gguf_dhsa", "convert.hf_gemma", "pydhsa.dhsa_params", "pydhsa.gguf_layout"} <= modules
+def test_the_converters_import_pydhsa_alone():
+    modules = imported_by("pydhsa_convert")
+    assert {"pydhsa_convert.gguf_dhsa", "pydhsa_convert.hf_gemma", "pydhsa.dhsa_params",
+            "pydhsa.gguf_layout"} <= modules
+
+
+def test_no_top_level_convert_package_is_installed():
+    from importlib.metadata import files
+    installed = {str(f).split("/")[0] for f in files("pydhsa") or []}
+    assert "pydhsa" in installed or any(name.startswith("_editable") for name in installed), installed
+    assert "convert" not in installed, installed

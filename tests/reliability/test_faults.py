@@ -88,7 +88,7 @@ def test_convert_onto_a_full_disk_then_with_room(four_mb_model, tmp_path):
     with tmpfs(tmp_path / "room", "16m") as d:
         result = run_cli("convert", str(four_mb_model), str(d / "out.gguf"), "--dhsa-budget", "0.3")
         assert result.returncode == 0, result.stderr
-        from convert.gguf_dhsa import inspect_gguf
+        from pydhsa_convert.gguf_dhsa import inspect_gguf
         assert inspect_gguf(d / "out.gguf").kv.value("llama.dhsa.budget") == pytest.approx(0.3)
         assert [p.name for p in d.iterdir()] == ["out.gguf"]
     assert sha256(four_mb_model) == before

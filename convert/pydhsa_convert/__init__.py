@@ -1,7 +1,7 @@
 """Model file converters for pydhsa.
 
-``python -m convert gguf IN.gguf OUT.gguf [--dhsa-* ...] [--remove-dhsa]`` copies a GGUF file with
-its ``<arch>.dhsa.*`` metadata keys added, changed or removed (see ``convert.gguf_dhsa``).
+``python -m pydhsa_convert gguf IN.gguf OUT.gguf [--dhsa-* ...] [--remove-dhsa]`` copies a GGUF file with
+its ``<arch>.dhsa.*`` metadata keys added, changed or removed (see ``pydhsa_convert.gguf_dhsa``).
 """
 from .gguf_dhsa import (
     ConvertError,

@@ -1,4 +1,4 @@
-"""``python -m convert gguf IN.gguf OUT.gguf [--dhsa-* ...] [--remove-dhsa]``"""
+"""``python -m pydhsa_convert gguf IN.gguf OUT.gguf [--dhsa-* ...] [--remove-dhsa]``"""
 import sys
 
 from .gguf_dhsa import main

@@ -10,9 +10,9 @@ The input is only ever opened read-only. The output goes to a temporary file in 
 directory, is checked, and is renamed over the output path only when complete; on any error the
 temporary file is removed and nothing is left behind.
 
-Usage: ``python -m convert gguf IN.gguf OUT.gguf [--dhsa-* ...] [--remove-dhsa]``
+Usage: ``python -m pydhsa_convert gguf IN.gguf OUT.gguf [--dhsa-* ...] [--remove-dhsa]``
 (the CLI also takes a Hugging Face Gemma 2/3 checkpoint folder as IN, with ``--outtype``; that
-conversion is ``convert.hf_gemma``).
+conversion is ``pydhsa_convert.hf_gemma``).
 
 Library API:
     convert_gguf(src, dst, set_values=None, remove=False, write_defaults=False, progress=None)
@@ -394,7 +394,7 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     """Add the converter's arguments (positional IN OUT, --outtype, --dhsa-*, options).
 
     IN is a GGUF file (copied with DHSA keys changed) or a Hugging Face Gemma 2/3 checkpoint
-    folder (converted by ``convert.hf_gemma``).
+    folder (converted by ``pydhsa_convert.hf_gemma``).
     """
     parser.add_argument("input", metavar="IN",
                         help="input GGUF file, or Hugging Face Gemma2ForCausalLM / "
@@ -474,7 +474,7 @@ def _reporting_errors(err: TextIO, convert: Any, error_prefix: str) -> tuple[Any
 
 
 def _run_convert_hf(args: argparse.Namespace, out: TextIO, err: TextIO, error_prefix: str) -> int:
-    """``run_convert`` for a Hugging Face checkpoint folder (see convert.hf_gemma)."""
+    """``run_convert`` for a Hugging Face checkpoint folder (see pydhsa_convert.hf_gemma)."""
     from .hf_gemma import DEFAULT_OUTTYPE, convert_hf
     res, status = _reporting_errors(err, lambda: convert_hf(
         args.input, args.output, outtype=getattr(args, "outtype", None) or DEFAULT_OUTTYPE,
@@ -501,7 +501,7 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def build_parser(prog: str = "python -m convert") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m pydhsa_convert") -> argparse.ArgumentParser:
     parser = _OneLineParser(prog=prog, description="Model file converters for pydhsa.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = sub.add_parser("gguf", help="GGUF -> GGUF with <arch>.dhsa.* keys added/changed/removed",
@@ -513,7 +513,7 @@ def build_parser(prog: str = "python -m convert") -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m convert gguf IN.gguf OUT.gguf [--dhsa-* ...] [--remove-dhsa]``"""
+    """``python -m pydhsa_convert gguf IN.gguf OUT.gguf [--dhsa-* ...] [--remove-dhsa]``"""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
