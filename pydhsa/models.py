@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .errors import ModelFileError
 from .progress import ByteProgress
-from .tempfiles import make_temp, remove_stale_temps
+from .tempfiles import make_temp
 
 COPY_BLOCK = 4 << 20  # bytes read per step while concatenating: memory stays flat for any model size
 
@@ -183,7 +183,6 @@ def _assemble(name: str, gguf: ChunkedGguf, target: Path, quiet: bool) -> None:
     progress = ByteProgress(total, not quiet, sys.stderr, f"pydhsa: {name}")
     # Same folder: os.replace is then an atomic rename. Per process: concurrent runs do not collide, and a
     # run killed halfway leaves a file that the next run removes.
-    remove_stale_temps(target)
     fd, tmp = make_temp(target)
     try:
         digest, done = hashlib.sha256(), 0

@@ -17,8 +17,10 @@ from pathlib import Path
 
 def make_temp(target: str | os.PathLike) -> tuple[int, Path]:
     """(fd, path) of a new temporary file beside `target`: `.NAME.PID.RANDOM.tmp`, with the mode a plain
-    open() would give (0666 less the umask; mkstemp's own is 0600)."""
+    open() would give (0666 less the umask; mkstemp's own is 0600). Temporary files of `target` left by
+    writers that died are removed first."""
     target = Path(target)
+    remove_stale_temps(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
     if hasattr(os, "fchmod"):
         umask = os.umask(0)

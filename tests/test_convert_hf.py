@@ -610,7 +610,7 @@ def test_error_unwritable_directory(checkpoints, tmp_path, capsys, monkeypatch):
 
     def deny(*a, **k):
         raise PermissionError(errno.EACCES, "Permission denied")
-    monkeypatch.setattr(hf_gemma, "make_temp", deny)
+    monkeypatch.setattr(gguf_dhsa, "make_temp", deny)  # the converters' output_temp lives there
     _assert_fails(capsys, tmp_path, src, out_dir / "o.gguf", "cannot create output", rc_want=1,
                   exc=ConvertIOError)
     monkeypatch.undo()

@@ -34,7 +34,7 @@ from pydhsa.gguf_layout import (
     DEFAULT_ALIGNMENT, GgufInputError, GgufLayout, MappedInput, TensorInfo, align, parse_layout, read_layout,
 )
 from pydhsa.progress import ByteProgress as _Progress, isatty as _isatty
-from pydhsa.tempfiles import make_temp, remove_stale_temps
+from pydhsa.tempfiles import make_temp
 from pydhsa.dhsa_params import (
     PARAMS,
     PARAMS_BY_NAME,
@@ -73,6 +73,17 @@ class ConvertIOError(ConvertError):
 # --------------------------------------------------------------------------------------------
 # Layout of an input file
 # --------------------------------------------------------------------------------------------
+
+def output_temp(dst: str) -> tuple[int, str]:
+    """(fd, path) of the temporary file a converter writes before renaming it to `dst` (beside it, with the
+    usual file mode; pydhsa.tempfiles); ConvertIOError when it cannot be created."""
+    try:
+        fd, tmp = make_temp(dst)
+    except OSError as e:
+        d = os.path.dirname(os.path.abspath(dst))
+        raise ConvertIOError(f"cannot create output in {d}: {e.strerror or e}") from e
+    return fd, str(tmp)
+
 
 def write_error(dst: str | os.PathLike[str], e: OSError) -> ConvertIOError:
     """The error for an OSError while writing the output (a full disk named as such)."""
@@ -197,12 +208,6 @@ def _existing_dhsa(layout: GgufLayout, arch: str, overridden: set[str]
         else:
             unknown.append(kv)
     return values, unknown
-
-
-def _umask() -> int:
-    m = os.umask(0o022)
-    os.umask(m)
-    return m
 
 
 def convert_gguf(
@@ -348,12 +353,7 @@ def _copy_region(out, mm, start: int, size: int, prog: _Progress) -> None:
 def _write_atomically(dst: str, meta: bytes, mm, data_start: int, data_size: int,
                       prog: _Progress) -> None:
     d = os.path.dirname(os.path.abspath(dst))
-    remove_stale_temps(dst)
-    try:
-        fd, tmp = make_temp(dst)
-        tmp = str(tmp)
-    except OSError as e:
-        raise ConvertIOError(f"cannot create output in {d}: {e.strerror or e}") from e
+    fd, tmp = output_temp(dst)
     ok = False
     try:
         try:
@@ -362,8 +362,6 @@ def _write_atomically(dst: str, meta: bytes, mm, data_start: int, data_size: int
                 _copy_region(out, mm, data_start, data_size, prog)
                 out.flush()
                 os.fsync(out.fileno())
-                if hasattr(os, "fchmod"):  # mkstemp makes 0600; use the usual 0666 & ~umask
-                    os.fchmod(out.fileno(), 0o666 & ~_umask())
             expect = len(meta) + data_size
             got = os.path.getsize(tmp)
             if got != expect:

@@ -55,11 +55,10 @@ from .gguf_dhsa import (
     ConvertIOError,
     _isatty,
     _Progress,
-    _umask,
     fsync_directory,
+    output_temp,
     write_error,
 )
-from pydhsa.tempfiles import make_temp, remove_stale_temps
 from pydhsa.dhsa_params import (
     PARAMS,
     PARAMS_BY_NAME,
@@ -1191,12 +1190,7 @@ def convert_hf(
 
     d = os.path.dirname(os.path.abspath(dst))
     base = os.path.basename(dst)
-    remove_stale_temps(dst)
-    try:
-        fd, tmp = make_temp(dst)
-        tmp = str(tmp)
-    except OSError as e:
-        raise ConvertIOError(f"cannot create output in {d}: {e.strerror or e}") from e
+    fd, tmp = output_temp(dst)
     os.close(fd)
     total = sum(p.nbytes for p in plan)
     show = progress
@@ -1238,8 +1232,6 @@ def convert_hf(
             os.fsync(fout.fileno())
             writer.close()
             writer = None
-            if hasattr(os, "chmod"):  # mkstemp makes 0600; use the usual 0666 & ~umask
-                os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, dst)
             ok = True
         except ConvertError:

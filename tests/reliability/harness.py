@@ -110,7 +110,7 @@ def run_forked(fn: Callable[[], int], timeout: float = TIMEOUT_S) -> tuple[str, 
     return f"exit {os.WEXITSTATUS(status)}", stdout, stderr
 
 
-def _digest(path: Path) -> str:
+def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(8 << 20), b""):
@@ -118,19 +118,20 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def judge(case: str, tool: str, path: Path, workdir: Path) -> Outcome:
-    """Run `tool` on `path` (a malformed file) in a child and judge the result."""
+def judge(case: str, tool: str, path: Path, workdir: Path, digest: str | None = None) -> Outcome:
+    """Run `tool` on `path` (a malformed file) in a child and judge the result. `digest`: the file's sha256,
+    when the caller has it (a corpus run hashes each file once, not once per tool)."""
     out_dir = workdir / "convert-out"
     out_dir.mkdir(exist_ok=True)
     out = out_dir / "out.gguf"
-    before = _digest(path)
+    before = digest or sha256(path)
     how, _, stderr = run_forked(lambda: _child(tool, path, out))
     lines = [line for line in stderr.splitlines() if line.strip()]
     # an abort's own message rather than the backtrace ggml prints after it
     cause = [line for line in lines if "GGML_ASSERT" in line or "GGML_ABORT" in line or "terminate called" in line]
     detail = (cause or lines[-1:] or [""])[0][:300]
     verdict = _verdict(how, lines)
-    if not verdict.startswith(("signal", "timeout")) and _digest(path) != before:
+    if not verdict.startswith(("signal", "timeout")) and sha256(path) != before:
         verdict = "input modified"
     if tool == "convert":
         left = sorted(p.name for p in out_dir.iterdir())
@@ -164,8 +165,9 @@ def run_corpus(cases, workdir: Path, tools=TOOLS, progress: bool = False) -> lis
     for i, case in enumerate(cases):
         path = case.write(workdir / "case.gguf")
         try:
+            digest = sha256(path)
             for tool in tools:
-                outcomes.append(judge(case.name, tool, path, workdir))
+                outcomes.append(judge(case.name, tool, path, workdir, digest))
         finally:
             path.unlink()
         if progress:

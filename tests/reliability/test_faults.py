@@ -8,7 +8,6 @@ elsewhere these tests are skipped, saying so).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import signal
 import subprocess
@@ -19,16 +18,9 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
+from harness import sha256
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(8 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @contextlib.contextmanager
@@ -128,6 +120,11 @@ def cache_env(cache: Path) -> dict:
     return {**os.environ, "PYDHSA_CACHE_DIR": str(cache)}
 
 
+def assemble(cache: Path) -> subprocess.CompletedProcess:
+    """The embedded model assembled into `cache` by a child process (its path on stdout)."""
+    return subprocess.run(assemble_argv(), capture_output=True, text=True, env=cache_env(cache))
+
+
 def assert_assembled(cache: Path, printed: str) -> None:
     models = cache / "models"
     target = Path(printed.strip())
@@ -140,7 +137,7 @@ def assert_assembled(cache: Path, printed: str) -> None:
 @needs_root
 def test_model_cache_on_a_full_disk_then_with_room(model_path, tmp_path):
     with tmpfs(tmp_path / "small", "64m") as cache:
-        result = subprocess.run(assemble_argv(), capture_output=True, text=True, env=cache_env(cache))
+        result = assemble(cache)
         assert result.returncode != 0
         assert "disk full" in result.stderr, result.stderr
         assert list((cache / "models").iterdir()) == []
@@ -151,7 +148,7 @@ def test_model_cache_on_a_full_disk_then_with_room(model_path, tmp_path):
         assert cli.returncode == 2 and len(errors) == 1 and cli.stderr.strip().splitlines()[-1] == errors[0]
         assert "cannot assemble model" in errors[0] and "disk full" in errors[0], errors
     with tmpfs(tmp_path / "room", "400m") as cache:
-        result = subprocess.run(assemble_argv(), capture_output=True, text=True, env=cache_env(cache))
+        result = assemble(cache)
         assert result.returncode == 0, result.stderr
         assert_assembled(cache, result.stdout)
 
@@ -161,7 +158,7 @@ def test_model_cache_killed_halfway_then_run_again(model_path, tmp_path):
     cache = tmp_path / "cache"
     kill_when_temp_appears(assemble_argv(), cache / "models", env=cache_env(cache))
     assert len(temps(cache / "models")) == 1 and not (cache / "models" / model_path.name).exists()
-    result = subprocess.run(assemble_argv(), capture_output=True, text=True, env=cache_env(cache))
+    result = assemble(cache)
     assert result.returncode == 0, result.stderr
     assert_assembled(cache, result.stdout)
 
