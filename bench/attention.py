@@ -68,7 +68,7 @@ QUICK = dict(n_kv=[2048, 4096], n_q=512, heads=[(4, 1), (8, 4)], budgets=[0.1, 0
 
 
 # ------------------------------------------------------------------------------------------------
-# Shared helpers (bench/prefill.py imports these)
+# Shared helpers (bench/prefill.py and bench/cuda_prefill.py import these)
 # ------------------------------------------------------------------------------------------------
 
 def log(msg: str) -> None:
@@ -345,6 +345,22 @@ def fmt_ms(x: Optional[float]) -> str:
     return "-" if x is None or x != x else f"{x:.1f}"
 
 
+def print_markdown_table(hdr: List[str], lines: List[List[str]], left: Sequence[int] = ()) -> None:
+    """A markdown table on stdout, columns padded to their widest cell; columns in `left` are left-aligned,
+    the others right-aligned (numbers)."""
+    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(hdr)]
+
+    def fmt(cells):
+        return "| " + " | ".join(c.ljust(w) if i in left else c.rjust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    print(fmt(hdr))
+    print("|" + "|".join(("-" * (w + 2)) if i in left else ("-" * (w + 1) + ":") for i, w in enumerate(widths)) + "|")
+    for l in lines:
+        print(fmt(l))
+    sys.stdout.flush()
+
+
 def print_table(rows: List[Dict[str, Any]]) -> None:
     with_select = any(r.get("select_share") is not None for r in rows)
     precise = any(v is not None and v < 10 for r in rows for v in r["median_ms"].values())
@@ -362,19 +378,7 @@ def print_table(rows: List[Dict[str, Any]]) -> None:
             *(ms(m.get(l)) for l in labels), *(speedup(r.get("speedups", {}).get(l)) for l in compared),
             "-" if r.get("density") is None else f"{r['density']:.3f}",
         ] + (["-" if r.get("select_share") is None else f"{100 * r['select_share']:.1f}%"] if with_select else []))
-    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(hdr)]
-    left = {0, 1, 2, 3}
-
-    def fmt(cells):
-        return "| " + " | ".join(c.rjust(w) if i not in left else c.ljust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
-
-    print(fmt(hdr))
-    print("|" + "|".join(("-" * (w + 1) + ":") if i not in left else ("-" * (w + 2))
-                         for i, w in enumerate(widths)) + "|")
-    for l in lines:
-        print(fmt(l))
-    sys.stdout.flush()
+    print_markdown_table(hdr, lines, left={0, 1, 2, 3})
 
 
 def build_parser() -> argparse.ArgumentParser:

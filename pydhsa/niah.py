@@ -14,7 +14,10 @@ completion-style tail so that the model only has to continue the answer::
     Answer: The secret passphrase for the blue lighthouse is
 
 Tokenisation is injected (``count_tokens``) so the module has no dependency on
-the inference engine; tests use a fake word-level tokenizer.
+the inference engine; tests use a fake word-level tokenizer. ``fit_to_tokens``
+sizes any haystack prompt this way (the RULER-style tasks of pydhsa.evals.ruler
+insert several sentences with it), and ``contains`` is the whole-word match of
+``score``.
 
 Haystack location: ``haystack_dir`` argument, else env var
 ``PYDHSA_HAYSTACK_DIR``, else ``<repo root>/../shared/data/niah/haystack``
@@ -24,13 +27,11 @@ where the repo root is the parent of the ``pydhsa`` package directory.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 __all__ = [
     "Needle",
@@ -39,12 +40,16 @@ __all__ = [
     "HEADER",
     "default_haystack_dir",
     "load_haystack",
+    "insert_sentences",
+    "fit_to_tokens",
     "build_prompt",
+    "build_inserted_prompt",
+    "as_chat",
+    "contains",
     "score",
     "answer_span",
-    "case_key",
-    "ResultStore",
 ]
+
 
 # --------------------------------------------------------------------------
 # Needles
@@ -210,6 +215,14 @@ def _sentence_boundaries(text: str) -> List[int]:
     return [0] + pos
 
 
+def _insertion_point(bounds: Sequence[int], depth: float, n_chars: int) -> int:
+    """The sentence boundary nearest depth*n_chars (the earlier one on a tie); only depth 0 may use the
+    artificial start-of-text offset."""
+    cands = bounds[1:] if depth > 0.0 and len(bounds) > 1 else bounds
+    target = depth * n_chars
+    return min(cands, key=lambda b: (abs(b - target), b))
+
+
 def _insert_needle(hay: str, depth: float, sentence: str):
     """Insert the needle at the sentence boundary nearest depth*len(hay).
 
@@ -217,14 +230,7 @@ def _insert_needle(hay: str, depth: float, sentence: str):
     the haystack-with-needle is ``before + " " + sentence + " " + after``
     (spaces omitted where a side is empty).
     """
-    target = depth * len(hay)
-    bounds = _sentence_boundaries(hay)
-    if depth > 0.0 and len(bounds) > 1:
-        # Only depth 0 uses the artificial start-of-text offset.
-        cands = bounds[1:]
-    else:
-        cands = bounds
-    best = min(cands, key=lambda b: (abs(b - target), b))
+    best = _insertion_point(_sentence_boundaries(hay), depth, len(hay))
     return hay[:best].rstrip(), hay[best:].lstrip()
 
 
@@ -233,77 +239,66 @@ def _join(before: str, sentence: str, after: str) -> str:
     return s + (" " + after if after else "")
 
 
+def insert_sentences(hay: str, inserts: Sequence[Tuple[float, str]]) -> Tuple[str, List[str]]:
+    """Insert each (depth, sentence) at the sentence boundary nearest its depth, as ``build_prompt`` places
+    its needle (inserts at the same boundary keep their order); returns the text and the sentences in text
+    order."""
+    bounds = _sentence_boundaries(hay)
+    placed = sorted((_insertion_point(bounds, depth, len(hay)), i, sentence)
+                    for i, (depth, sentence) in enumerate(inserts))
+    pieces, pos = [], 0
+    for b, _, sentence in placed:
+        seg = hay[pos:b].strip()
+        if seg:
+            pieces.append(seg)
+        pieces.append(sentence)
+        pos = b
+    rest = hay[pos:].strip()
+    if rest:
+        pieces.append(rest)
+    return " ".join(pieces), [s for _, _, s in placed]
+
 # --------------------------------------------------------------------------
 # Prompt construction
 # --------------------------------------------------------------------------
 
 
-@dataclass
-class NiahPrompt:
-    text: str
-    n_tokens: int
-    depth: float  # requested depth, 0..1
-    actual_depth: float  # needle position / haystack tokens (approx)
-    needle: Needle
-    expected: str
-    target_tokens: int = 0
-    needle_char_offset: int = -1  # offset of the needle sentence in ``text``
-    haystack_chars: int = 0  # length of the haystack cut (without the needle)
-    count_calls: int = 0  # number of count_tokens calls used
-
-
-def build_prompt(
+def fit_to_tokens(
     count_tokens: Callable[[str], int],
     target_tokens: int,
-    depth: float,
-    needle: Needle,
-    haystack_dir: Union[str, Path, None] = None,
+    compose: Callable[[int, bool], Tuple[int, str, object]],
     *,
     tolerance: float = 0.01,
     max_count_calls: int = 20,
-    header: str = HEADER,
-) -> NiahPrompt:
-    """Build a NIAH prompt of ~``target_tokens`` tokens (by ``count_tokens``).
+) -> Tuple[str, int, object, int, int]:
+    """Search the haystack length (in characters) whose prompt has
+    ``target_tokens*(1-tolerance) <= n_tokens <= target_tokens`` tokens by ``count_tokens``.
 
-    The haystack length (in characters) is searched so that the *full* prompt
-    has ``target_tokens*(1-tolerance) <= n_tokens <= target_tokens`` (preferred:
-    never exceed the target, so it fits a context sized for it); if the call
-    budget runs out, the closest prompt within +-tolerance is accepted,
-    otherwise ValueError.  ``count_tokens`` is called at most
-    ``max_count_calls`` times for the search plus 2 for ``actual_depth``.
-    The needle goes on the sentence boundary nearest ``depth`` (fraction of the
-    haystack characters, ~ tokens); depth 0 puts it at the very start, depth 1
-    after the last complete sentence.
+    ``compose(n, snap)`` builds the prompt over the first ~n haystack characters (cut back to a word
+    boundary if ``snap``) and returns (characters used, text, anything the caller wants back). Never
+    exceeding the target is preferred, so the prompt fits a context sized for it; if the call budget
+    (``max_count_calls``) runs out, the closest prompt within +-tolerance is accepted, otherwise
+    ValueError. Returns (text, n_tokens, the composer's extra, count calls, haystack characters).
     """
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must be in [0, 1], got {depth}")
     if target_tokens <= 0:
         raise ValueError("target_tokens must be positive")
-    hs = _Haystack(load_haystack(haystack_dir))
-    tail = _tail(needle)
-
     calls = 0
-    cache: Dict[int, tuple] = {}  # snapped length -> (n_tokens, text, parts)
-
-    def compose(n: int, snap: bool = True):
-        hay = hs.prefix(n, snap)
-        before, after = _insert_needle(hay, depth, needle.sentence)
-        return len(hay), header + _join(before, needle.sentence, after) + tail, (before, after)
+    cache: Dict[int, tuple] = {}  # snapped length -> (n_tokens, text, extra)
 
     def evaluate(n: int, snap: bool = True):
         nonlocal calls
-        n_eff, text, parts = compose(n, snap)
+        n_eff, text, extra = compose(n, snap)
         if n_eff in cache:
             return n_eff, cache[n_eff][0]
         calls += 1
         t = count_tokens(text)
-        cache[n_eff] = (t, text, parts)
+        cache[n_eff] = (t, text, extra)
         return n_eff, t
 
     lo_ok = target_tokens * (1.0 - tolerance)
     aim = target_tokens * (1.0 - tolerance / 4.0)
 
-    # Overhead (header + needle + tail) and a chars/token estimate.
+    # Overhead (everything but the haystack) and a chars/token estimate.
     n0, overhead = evaluate(0)
     if overhead > target_tokens:
         raise ValueError(
@@ -372,8 +367,54 @@ def build_prompt(
                 f"after {calls} count_tokens calls (closest: {best[1][0]})"
             )
         found = min(within)[1]
+    n_tok, text, extra = cache[found]
+    return text, n_tok, extra, calls, found
 
-    n_tok, text, (before, after) = cache[found]
+
+@dataclass
+class NiahPrompt:
+    text: str
+    n_tokens: int
+    depth: float  # requested depth, 0..1
+    actual_depth: float  # needle position / haystack tokens (approx)
+    needle: Needle
+    expected: str
+    target_tokens: int = 0
+    needle_char_offset: int = -1  # offset of the needle sentence in ``text``
+    haystack_chars: int = 0  # length of the haystack cut (without the needle)
+    count_calls: int = 0  # number of count_tokens calls used
+
+
+def build_prompt(
+    count_tokens: Callable[[str], int],
+    target_tokens: int,
+    depth: float,
+    needle: Needle,
+    haystack_dir: Union[str, Path, None] = None,
+    *,
+    tolerance: float = 0.01,
+    max_count_calls: int = 20,
+    header: str = HEADER,
+) -> NiahPrompt:
+    """Build a NIAH prompt of ~``target_tokens`` tokens (by ``count_tokens``), sized by ``fit_to_tokens``.
+
+    ``count_tokens`` is called at most ``max_count_calls`` times for the search plus 2 for
+    ``actual_depth``. The needle goes on the sentence boundary nearest ``depth`` (fraction of the
+    haystack characters, ~ tokens); depth 0 puts it at the very start, depth 1 after the last complete
+    sentence.
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    hs = _Haystack(load_haystack(haystack_dir))
+    tail = _tail(needle)
+
+    def compose(n: int, snap: bool):
+        hay = hs.prefix(n, snap)
+        before, after = _insert_needle(hay, depth, needle.sentence)
+        return len(hay), header + _join(before, needle.sentence, after) + tail, (before, after)
+
+    text, n_tok, (before, after), calls, found = fit_to_tokens(
+        count_tokens, target_tokens, compose, tolerance=tolerance, max_count_calls=max_count_calls)
     tb = count_tokens(before) if before else 0
     ta = count_tokens(after) if after else 0
     calls += (1 if before else 0) + (1 if after else 0)
@@ -392,6 +433,32 @@ def build_prompt(
         haystack_chars=found,
         count_calls=calls,
     )
+
+
+def build_inserted_prompt(
+    count_tokens: Callable[[str], int],
+    target_tokens: int,
+    header: str,
+    tail: str,
+    inserts: Sequence[Tuple[float, str]],
+    haystack_dir: Union[str, Path, None] = None,
+    *,
+    tolerance: float = 0.01,
+    max_count_calls: int = 24,
+) -> Tuple[str, int, List[str], int]:
+    """A prompt ``header + haystack-with-inserts + tail`` sized by ``fit_to_tokens``, each (depth, sentence)
+    of ``inserts`` placed by ``insert_sentences``. Returns (text, n_tokens, inserts in text order, count
+    calls)."""
+    hs = _Haystack(load_haystack(haystack_dir))
+
+    def compose(n: int, snap: bool):
+        hay = hs.prefix(n, snap)
+        body, order = insert_sentences(hay, inserts)
+        return len(hay), header + body + tail, order
+
+    text, n_tok, order, calls, _ = fit_to_tokens(count_tokens, target_tokens, compose, tolerance=tolerance,
+                                                 max_count_calls=max_count_calls)
+    return text, n_tok, order, calls
 
 
 # --------------------------------------------------------------------------
@@ -429,6 +496,15 @@ def answer_span(generated_text: str) -> str:
     return s.split("\n", 1)[0]
 
 
+def contains(text: str, value: str) -> bool:
+    """Whether the words of ``value`` occur, in order and complete, among the words of ``text`` (the
+    word rules of ``score``); an empty value is never contained."""
+    exp = _words(value)
+    got = _words(text)
+    k = len(exp)
+    return bool(exp) and any(got[i:i + k] == exp for i in range(len(got) - k + 1))
+
+
 def score(generated_text: str, expected: str) -> bool:
     """Exact-match NIAH scoring.
 
@@ -443,132 +519,4 @@ def score(generated_text: str, expected: str) -> bool:
     multi-word value must appear in order and complete.  Empty output (or an
     empty expected value) scores False.
     """
-    exp = _words(expected)
-    if not exp:
-        return False
-    got = _words(answer_span(generated_text))
-    k = len(exp)
-    return any(got[i:i + k] == exp for i in range(len(got) - k + 1))
-
-
-# --------------------------------------------------------------------------
-# Resumable result storage
-# --------------------------------------------------------------------------
-
-
-def case_key(params: Dict[str, Any]) -> str:
-    """Stable key of a case from its parameters (order-independent).
-
-    Floats are rounded to 6 decimals so 0.1 and 0.10000000001 coincide.
-    """
-
-    def norm(v):
-        if isinstance(v, float):
-            return round(v, 6)
-        if isinstance(v, dict):
-            return {str(k): norm(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [norm(x) for x in v]
-        return v
-
-    blob = json.dumps(norm(params), sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:16]
-
-
-class ResultStore:
-    """Append-only JSONL store of finished cases, for resumable benchmarks.
-
-    Each record is a JSON object on its own line with a ``"key"`` field.  The
-    key is ``case["key"]`` if present, else ``case_key`` of the ``key_fields``
-    of the case (all fields if ``key_fields`` is None).  Every ``add`` is
-    flushed and fsync'ed.  On load, unparsable lines are skipped and a torn
-    (partial) last line left by an interruption is truncated away so later
-    appends stay well-formed.  If a key is added twice, the last record wins.
-    """
-
-    def __init__(self, path: Union[str, Path], key_fields: Optional[Sequence[str]] = None):
-        self.path = Path(path)
-        self.key_fields = list(key_fields) if key_fields is not None else None
-        self._records: Dict[str, Dict[str, Any]] = {}
-        self.skipped_lines = 0
-        self.load()
-
-    def key_of(self, case: Union[str, Dict[str, Any]]) -> str:
-        if isinstance(case, str):
-            return case
-        if "key" in case:
-            return str(case["key"])
-        if self.key_fields is not None:
-            return case_key({k: case.get(k) for k in self.key_fields})
-        return case_key(case)
-
-    def load(self) -> List[Dict[str, Any]]:
-        """(Re)read the file; returns the records (last one per key wins)."""
-        self._records = {}
-        self.skipped_lines = 0
-        if not self.path.exists():
-            return []
-        data = self.path.read_bytes()
-        body, sep, last = data.rpartition(b"\n")
-        if not sep:  # no newline at all: the whole file is the last line
-            body, last = b"", data
-        for raw in body.split(b"\n") if body else []:
-            rec = self._parse(raw)
-            if rec is not None:
-                self._records[str(rec["key"])] = rec
-            elif raw.strip():
-                self.skipped_lines += 1
-        if last:
-            # Line without a terminating newline: an interrupted write.
-            rec = self._parse(last)
-            with open(self.path, "r+b") as f:
-                if rec is not None:  # complete record, only the newline is missing
-                    self._records[str(rec["key"])] = rec
-                    f.seek(0, os.SEEK_END)
-                    f.write(b"\n")
-                else:  # torn record: cut it off
-                    if last.strip():
-                        self.skipped_lines += 1
-                    f.truncate(len(data) - len(last))
-                f.flush()
-                os.fsync(f.fileno())
-        return list(self._records.values())
-
-    @staticmethod
-    def _parse(raw: bytes) -> Optional[Dict[str, Any]]:
-        if not raw.strip():
-            return None
-        try:
-            rec = json.loads(raw.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            return None
-        if not isinstance(rec, dict) or "key" not in rec:
-            return None
-        return rec
-
-    def done(self, key: Union[str, Dict[str, Any]]) -> bool:
-        return self.key_of(key) in self._records
-
-    def get(self, key: Union[str, Dict[str, Any]]) -> Optional[Dict[str, Any]]:
-        return self._records.get(self.key_of(key))
-
-    def add(self, case: Dict[str, Any]) -> str:
-        rec = dict(case)
-        rec["key"] = self.key_of(case)
-        line = json.dumps(rec, sort_keys=True, ensure_ascii=True, default=str) + "\n"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "ab") as f:
-            f.write(line.encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-        self._records[rec["key"]] = rec
-        return rec["key"]
-
-    def records(self) -> List[Dict[str, Any]]:
-        return list(self._records.values())
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def __contains__(self, key) -> bool:
-        return self.done(key)
+    return contains(answer_span(generated_text), expected)

@@ -189,7 +189,7 @@ def test_run_grid_builds_each_prompt_once_and_scores(tmp_path):
     specs, builds = _counting_specs(evals.niah_specs([400, 600], [0.0, 0.5, 1.0], haystack_dir=HAYSTACK))
     methods = parse_methods("dense,dhsa:0.3,fixed:0.3")
     runner = FakeRunner(miss={"fixed@0.3"})
-    store = niah.ResultStore(tmp_path / "cases.jsonl")
+    store = evals.ResultStore(tmp_path / "cases.jsonl")
     counts = evals.run_grid(specs, methods, runner, store, progress=False)
     assert counts == {"run": 18, "skipped": 0, "errors": 0, "total": 18}
     assert len(builds) == 6
@@ -215,25 +215,25 @@ def test_resume_after_interruption_skips_finished_cases(tmp_path):
 
     first = FakeRunner(fail_after=5)
     with pytest.raises(KeyboardInterrupt):
-        evals.run_grid(make(), methods, first, niah.ResultStore(path), progress=False)
-    assert len(first.calls) == 5 and len(niah.ResultStore(path).records()) == 5
+        evals.run_grid(make(), methods, first, evals.ResultStore(path), progress=False)
+    assert len(first.calls) == 5 and len(evals.ResultStore(path).records()) == 5
 
     second = FakeRunner()
     specs, builds = _counting_specs(make())
-    counts = evals.run_grid(specs, methods, second, niah.ResultStore(path), progress=False)
+    counts = evals.run_grid(specs, methods, second, evals.ResultStore(path), progress=False)
     assert len(second.calls) == 3 and counts["run"] == 3 and counts["skipped"] == 5
     assert len(builds) == 2  # the prompt of the interrupted pair (one method left) and the last one
     assert set(second.calls) & set(first.calls) == set()
 
     third = FakeRunner()
     specs, builds = _counting_specs(make())
-    counts = evals.run_grid(specs, methods, third, niah.ResultStore(path), progress=False)
+    counts = evals.run_grid(specs, methods, third, evals.ResultStore(path), progress=False)
     assert third.calls == [] and builds == [] and counts["skipped"] == 8
-    assert len(niah.ResultStore(path).records()) == 8
+    assert len(evals.ResultStore(path).records()) == 8
 
     # other overrides are other cases (the dense ones are shared)
     fourth = FakeRunner()
-    evals.run_grid(make(), methods, fourth, niah.ResultStore(path), overrides={"min_context": 0}, progress=False)
+    evals.run_grid(make(), methods, fourth, evals.ResultStore(path), overrides={"min_context": 0}, progress=False)
     assert [c[1] for c in fourth.calls] == ["dhsa@0.3"] * 4
 
 
@@ -241,14 +241,14 @@ def test_failed_cases_are_recorded_and_retried(tmp_path):
     path = tmp_path / "cases.jsonl"
     methods = parse_methods("dense,fixed:0.5")
     specs = evals.niah_specs([300], [0.5], haystack_dir=HAYSTACK)
-    counts = evals.run_grid(specs, methods, FakeRunner(errors_on={"fixed@0.5"}), niah.ResultStore(path),
+    counts = evals.run_grid(specs, methods, FakeRunner(errors_on={"fixed@0.5"}), evals.ResultStore(path),
                             progress=False)
     assert counts["errors"] == 1 and counts["run"] == 1
-    assert [r for r in niah.ResultStore(path).records() if r.get("error")]
+    assert [r for r in evals.ResultStore(path).records() if r.get("error")]
     retry = FakeRunner()
-    counts = evals.run_grid(specs, methods, retry, niah.ResultStore(path), progress=False)
+    counts = evals.run_grid(specs, methods, retry, evals.ResultStore(path), progress=False)
     assert [c[1] for c in retry.calls] == ["fixed@0.5"] and counts["errors"] == 0
-    assert not any(r.get("error") for r in niah.ResultStore(path).records())
+    assert not any(r.get("error") for r in evals.ResultStore(path).records())
 
 
 def test_progress_bar_eta():
@@ -476,7 +476,7 @@ def test_suite_driver_quick_with_a_fake_runner(tmp_path, suite):
     assert run(args, runner=runner) == 0
     n = 2 * 3 * 2  # lengths x (depths | tasks) x methods of --quick (the explicit --lengths wins)
     assert len(runner.calls) == n and args.methods == "dense,dhsa:0.3"
-    assert len(niah.ResultStore(tmp_path / "cases.jsonl").records()) == n
+    assert len(evals.ResultStore(tmp_path / "cases.jsonl").records()) == n
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["lengths"] == [300, 600] and summary["n_cases"] == n
     assert (tmp_path / "summary.md").exists() and (tmp_path / "meta.json").exists()
@@ -494,9 +494,9 @@ def test_cli_has_the_eval_commands():
     from pydhsa.cli import build_parser, main
     parser = build_parser()
     args = parser.parse_args(["niah", "--methods", "dense,dhsa:0.3", "--lengths", "1024", "--depths", "0.5"])
-    assert args.handler is evals.cmd_niah
+    assert args.handler is evals.run_niah
     assert parser.parse_args(["bench", "--repeats", "5"]).repeats == 5
-    assert parser.parse_args(["ruler", "--tasks", "multikey"]).handler is evals.cmd_ruler
+    assert parser.parse_args(["ruler", "--tasks", "multikey"]).handler is evals.run_ruler
     assert main(["niah", "--methods", "nope"]) == 2
     assert main(["bench", "--lengths", "1x"]) == 2
 
@@ -510,7 +510,7 @@ def test_tiny_real_niah_run(model_path, tmp_path):
                          "dense,dhsa:0.5", "--dhsa-min-context", "0", "--out", str(tmp_path), "-q", "--no-plots",
                          "-t", "2"])
     assert evals.run_niah(args) in (0, 1)
-    recs = niah.ResultStore(tmp_path / "cases.jsonl").records()
+    recs = evals.ResultStore(tmp_path / "cases.jsonl").records()
     assert sorted(r["method"] for r in recs) == ["dense", "dhsa@0.5[min_context=0]"]
     assert all(not r.get("error") and r["n_prompt"] <= 200 for r in recs)
     dhsa = next(r for r in recs if r["kind"] == "dhsa")

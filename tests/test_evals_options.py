@@ -12,6 +12,8 @@ import pytest
 
 from pydhsa import evals, niah
 from pydhsa.evals import Method
+from pydhsa.evals.speed import new_run_id
+from pydhsa.evals.suites import resolve_model
 
 HAYSTACK = Path(os.environ.get("PYDHSA_HAYSTACK_DIR") or
                 Path(__file__).resolve().parents[2] / "shared" / "data" / "niah" / "haystack")
@@ -117,17 +119,17 @@ def test_model_name_flag_and_file_plus_name_is_a_usage_error(capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "not both" in err
     assert main(["bench", "-m", "x.gguf", "--model-name", "gemma3-270m", "-q"]) == 2
-    assert evals.main_ruler(["-m", "x.gguf", "--model-name", "gemma3-270m", "-q"]) == 2
+    assert main(["ruler", "-m", "x.gguf", "--model-name", "gemma3-270m", "-q"]) == 2
 
 
 def test_model_name_resolves_through_the_registry(monkeypatch, fake_model):
     import pydhsa.models
     asked = []
     monkeypatch.setattr(pydhsa.models, "model_path", lambda name=None, quiet=False: asked.append(name) or fake_model)
-    assert evals._resolve_model(_niah_args("--model-name", "qwen2.5-coder-0.5b")) == (fake_model,
+    assert resolve_model(_niah_args("--model-name", "qwen2.5-coder-0.5b")) == (fake_model,
                                                                                       "qwen2.5-coder-0.5b")
-    assert evals._resolve_model(_niah_args()) == (fake_model, "gemma3-270m")  # the default embedded model
-    assert evals._resolve_model(_niah_args("-m", str(fake_model))) == (fake_model, None)
+    assert resolve_model(_niah_args()) == (fake_model, "gemma3-270m")  # the default embedded model
+    assert resolve_model(_niah_args("-m", str(fake_model))) == (fake_model, None)
     assert asked == ["qwen2.5-coder-0.5b", "gemma3-270m"]
 
 
@@ -154,7 +156,7 @@ def test_cache_types_reach_every_session_and_the_case_key(fake_model):
     assert evals.model_id(fake_model, 2, "q8_0", "f16", True) == \
         f"{fake_model.name}:{size}:ngl=2:ctk=q8_0,ctv=f16:chat"
     spec = evals.PromptSpec({"suite": "niah", "length": 100}, 1.0, build=None)
-    store = niah.ResultStore(fake_model.parent / "c.jsonl")
+    store = evals.ResultStore(fake_model.parent / "c.jsonl")
     keys = {store.key_of(evals.case_fields(spec, Method("dense"), {}, r.model_id)) for r in (plain, q8)}
     assert len(keys) == 2
 
@@ -235,7 +237,7 @@ def test_chat_runs_are_recorded_and_stored_apart(fake_model, tmp_path, suite):
         return run(p.parse_args(common + extra + list(argv)))
 
     go()  # auto: the file has a template and says instruct/chat
-    recs = niah.ResultStore(out / "cases.jsonl").records()
+    recs = evals.ResultStore(out / "cases.jsonl").records()
     assert len(recs) == 1 and recs[0]["chat_template"] is True and recs[0]["model"].endswith(":chat")
     assert recs[0]["type_k"] == "f16" and 0.98 * 300 <= recs[0]["n_prompt"] <= 301  # the wrapped prompt fits
     # the user turn ends with the question, the assistant's turn starts with the answer prefix
@@ -248,7 +250,7 @@ def test_chat_runs_are_recorded_and_stored_apart(fake_model, tmp_path, suite):
     go("--chat", "on")  # same cases: resumed, nothing runs
     assert len(FakeModel.sessions) == n_sessions
     go("--chat", "off", "-ctk", "q8_0", "-ctv", "q8_0")  # other cases: they run, apart
-    recs = niah.ResultStore(out / "cases.jsonl").records()
+    recs = evals.ResultStore(out / "cases.jsonl").records()
     assert len(recs) == 2 and FakeModel.sessions[-1]["type_k"] == "q8_0"
     off = next(r for r in recs if not r["chat_template"])
     assert off["model"].endswith(":ctk=q8_0,ctv=q8_0") and 0.98 * 300 <= off["n_prompt"] <= 300
@@ -258,7 +260,7 @@ def test_chat_runs_are_recorded_and_stored_apart(fake_model, tmp_path, suite):
 
 
 def test_new_run_ids_never_reuse_one_in_the_store():
-    first = evals._new_run_id(set())
-    second = evals._new_run_id({first})
+    first = new_run_id(set())
+    second = new_run_id({first})
     assert second != first and second.startswith(first[:8])
-    assert evals._new_run_id({first, second}) not in {first, second}
+    assert new_run_id({first, second}) not in {first, second}

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from pydhsa import niah
-from pydhsa.niah import NEEDLES, ResultStore, build_prompt, case_key, score
+from pydhsa.evals.store import ResultStore, case_key
+from pydhsa.niah import NEEDLES, build_prompt, score
 
 _TOK_RE = re.compile(r"\w+|[^\w\s]")
 _CALLS = {"n": 0}
