@@ -97,7 +97,7 @@ std::vector<ggml_fp16_t> selection_mask(const std::vector<int32_t> & sel, int64_
     const ggml_fp16_t zero = ggml_fp32_to_fp16(0.0f), ninf = ggml_fp32_to_fp16(-INFINITY);
     std::vector<ggml_fp16_t> mask((size_t) (n_kv * n_q_pad), ninf);
     const int32_t * slots = sel.data() + DHSA_SEL_HEADER(n_q);
-    const int64_t slot_size = 1 + 2 * (int64_t) ggml_dhsa_max_ranges(n_kv, &rt);
+    const int64_t slot_size = 1 + 2 * (int64_t) ggml_dhsa_max_ranges(n_kv, rt.chunk_min, rt.chunk_avg);
     for (int64_t r = 0; r < n_q; r++) {
         ggml_fp16_t * row = mask.data() + r * n_kv;
         const int64_t b = r / rt.q_block;

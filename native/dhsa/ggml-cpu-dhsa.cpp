@@ -56,22 +56,22 @@ struct select_geometry {
     size_t  seg_rows;  // keys converted per segment: the segment and the keysim window before it
 
     explicit select_geometry(const ggml_tensor * node) {
-        const dhsa_runtime * rt = dhsa_read_op_params(node).rt;
+        const dhsa_op_params op = dhsa_read_op_params(node);
         const ggml_tensor * q   = node->src[0];
         const ggml_tensor * k   = node->src[1];
         n_q        = q->ne[1];
         n_kv       = k->ne[1];
         n_head_kv  = k->ne[2];
         d          = k->ne[0];
-        n_blocks   = (n_q + rt->q_block - 1) / rt->q_block;
+        n_blocks   = (n_q + op.q_block - 1) / op.q_block;
         // A sequence that starts at a cell which is not a multiple of DHSA_SEGMENT has one segment more
         // than its keys fill, so each of up to kMaxRuns sequences may add one.
         n_seg      = (n_kv + DHSA_SEGMENT - 1) / DHSA_SEGMENT + kMaxRuns;
-        seg_chunks = DHSA_SEGMENT / std::max(1, std::min(rt->chunk_min, rt->chunk_avg)) + 3;
+        seg_chunks = DHSA_SEGMENT / std::max<int32_t>(1, std::min(op.chunk_min, op.chunk_avg)) + 3;
         max_chunks = n_seg * seg_chunks;  // Kc is filled segment by segment, then compacted per sequence
-        max_ranges = ggml_dhsa_max_ranges(n_kv, rt);
+        max_ranges = ggml_dhsa_max_ranges(n_kv, op.chunk_min, op.chunk_avg);
         slot_size  = 1 + 2 * max_ranges;
-        seg_rows   = (size_t) DHSA_SEGMENT + (size_t) std::max(rt->window, 0);
+        seg_rows   = (size_t) DHSA_SEGMENT + (size_t) std::max<int32_t>(op.window, 0);
     }
 
     // shared: per-segment bounds, all bounds, Kc, Qb, selection scratch; then per thread: f32 keys of a
@@ -247,14 +247,14 @@ bool chunk_reprs_of(const ggml_tensor * k, int64_t start, const int32_t * cuts, 
 // the rows must be one sequence stored from cell 0 (any other ubatch attends densely). excess_rows_cells:
 // the sum over the rows of every sequence found of its first cell, the cells before it that the attention
 // kernel's per-row causal count (pos + 1) includes but the row cannot see.
-int64_t find_runs(const ggml_tensor * mask, const int32_t * pos, const select_geometry & g, const dhsa_runtime * rt,
-                  int32_t il, seq_run * runs, int64_t * excess_rows_cells) {
+int64_t find_runs(const ggml_tensor * mask, const int32_t * pos, const select_geometry & g, const dhsa_op_params & op,
+                  seq_run * runs, int64_t * excess_rows_cells) {
     *excess_rows_cells = 0;
-    if (rt->budget >= 1.0) {
+    if (op.budget >= 1.0) {
         return 0;
     }
-    const bool windowed = rt->layer_windowed[il] != 0;
-    const int64_t q_block = rt->q_block;
+    const bool windowed = op.windowed != 0;
+    const int64_t q_block = op.q_block;
     int64_t n_runs = 0, n_seg_used = 0;
     for (int64_t r = 0; r < g.n_q;) {
         if (pos[r] < 0) {
@@ -292,7 +292,7 @@ int64_t find_runs(const ggml_tensor * mask, const int32_t * pos, const select_ge
         run.last_pos  = pos[e0 - 1] - base;
         run.seg_first = n_seg_used;
         run.n_seg     = (run.n_eff + DHSA_SEGMENT - 1) / DHSA_SEGMENT;
-        run.sparse    = run.n_eff >= rt->min_context && n_seg_used + run.n_seg <= g.n_seg;
+        run.sparse    = run.n_eff >= op.min_context && n_seg_used + run.n_seg <= g.n_seg;
         if (run.sparse) {
             n_seg_used += run.n_seg;
         }
@@ -352,15 +352,15 @@ size_t ggml_cpu_dhsa_work_size(const struct ggml_tensor * node, int n_tasks) {
         const select_geometry g(node);
         return g.shared_bytes() + g.thread_bytes() * n_tasks + kAlign;
     }
-    const dhsa_runtime * rt = dhsa_read_op_params(node).rt;
+    const dhsa_op_params op = dhsa_read_op_params(node);
     const int64_t dk = node->src[1]->ne[0], dv = node->src[2]->ne[0];
     const int64_t group = node->src[0]->ne[2] / node->src[1]->ne[2];
-    return attn_scratch::bytes((int64_t) rt->q_block * group, dk, dv) * n_tasks + kAlign;
+    return attn_scratch::bytes((int64_t) op.q_block * group, dk, dv) * n_tasks + kAlign;
 }
 
 void ggml_compute_forward_dhsa_select(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
     const dhsa_op_params op = dhsa_read_op_params(dst);
-    const dhsa_runtime * rt = op.rt;
+    dhsa_runtime * state = op.state;
     const ggml_tensor * q = dst->src[0], * k = dst->src[1], * mask = dst->src[2];
     const select_geometry g(dst);
     const int ith = params->ith, nth = params->nth;
@@ -383,7 +383,7 @@ void ggml_compute_forward_dhsa_select(const struct ggml_compute_params * params,
     float *   keys = (float *) mine;
     void *    keysim_work = mine + align_up(sizeof(float) * g.seg_rows * g.n_head_kv * g.d);
     const size_t keysim_work_size = dhsa_keysim_workspace_size((int32_t) g.seg_rows, (int32_t) g.d) + kAlign;
-    const dhsa_params p = dhsa_params_from_runtime(rt);
+    const dhsa_params p = dhsa_select_params(&op);
     const int64_t kc_per_chunk = g.n_head_kv * g.d;
 
     // Phase 1: the position of every query row, read from the mask.
@@ -397,15 +397,15 @@ void ggml_compute_forward_dhsa_select(const struct ggml_compute_params * params,
     // blocks outside every sequence found attend densely under the mask, which is exact.
     if (ith == 0) {
         int64_t excess = 0;
-        *n_runs = find_runs(mask, pos, g, rt, op.il, runs, &excess);
+        *n_runs = find_runs(mask, pos, g, op, runs, &excess);
         if (excess > 0) {  // the attention kernel counts pos + 1 causal keys per row and head
-            __atomic_fetch_sub(&op.rt->pairs_causal[op.il], excess * q->ne[2], __ATOMIC_RELAXED);
+            __atomic_fetch_sub(&state->pairs_causal[op.il], excess * q->ne[2], __ATOMIC_RELAXED);
         }
         if (*n_runs > 0) {
-            if (!rt->segment_cache) {
-                op.rt->segment_cache = new segment_cache;
+            if (!state->segment_cache) {
+                state->segment_cache = new segment_cache;
             }
-            auto & entries = ((segment_cache *) rt->segment_cache)->layers[op.il];
+            auto & entries = ((segment_cache *) state->segment_cache)->layers[op.il];
             if ((int64_t) entries.size() > 2 * g.n_seg + 64) {
                 entries.clear();  // mostly cells of sequences that are gone; recomputed when seen again
             }
@@ -438,7 +438,7 @@ void ggml_compute_forward_dhsa_select(const struct ggml_compute_params * params,
         const bool complete = seg1 - seg0 == DHSA_SEGMENT;
         segment_entry * entry = nullptr;
         if (complete) {
-            auto & entries = ((segment_cache *) rt->segment_cache)->layers[op.il];
+            auto & entries = ((segment_cache *) state->segment_cache)->layers[op.il];
             entry = &entries.find((int64_t) run->base + seg0)->second;  // created in phase 1b
         }
         const uint64_t fp = complete ? segment_fingerprint(&kr, seg0, seg1, p) : 0;
@@ -469,11 +469,11 @@ void ggml_compute_forward_dhsa_select(const struct ggml_compute_params * params,
     // blocks' ranges; every other block gets dense ranges. It is a small part of the op (one dot product
     // per chunk and query block), so one thread keeps it simple.
     if (ith == 0) {
-        write_dense_slots(g, pos, rt->q_block, slots, 0, g.n_blocks, 0);
+        write_dense_slots(g, pos, op.q_block, slots, 0, g.n_blocks, 0);
         bool any_sparse = false;
         for (int64_t i = 0; i < *n_runs; i++) {
             const seq_run & run = runs[i];
-            const int64_t b0 = run.r0 / rt->q_block, b1 = (run.r1 + rt->q_block - 1) / rt->q_block;
+            const int64_t b0 = run.r0 / op.q_block, b1 = (run.r1 + op.q_block - 1) / op.q_block;
             int32_t * run_slots = slots + b0 * g.n_head_kv * g.slot_size;
             bool ok = run.sparse;
             int32_t n_bounds = 0;
@@ -496,22 +496,22 @@ void ggml_compute_forward_dhsa_select(const struct ggml_compute_params * params,
             const int32_t n_chunks = n_bounds - 1;
             ok = ok && n_chunks >= 1 && n_chunks <= g.max_chunks;
             dhsa_params p_run = p;  // positions from the sequence's first cell
-            for (int32_t e = 0; e < std::min(rt->n_tail_ends, DHSA_MAX_TAIL_ENDS); e++) {
-                if (rt->tail_ends[e] == run.last_pos) {
-                    p_run.dense_from = std::min(p.dense_from, run.last_pos + 1 - rt->dense_tail);
+            for (int32_t e = 0; e < std::min(state->n_tail_ends, DHSA_MAX_TAIL_ENDS); e++) {
+                if (state->tail_ends[e] == run.last_pos) {
+                    p_run.dense_from = std::min(p.dense_from, run.last_pos + 1 - op.dense_tail);
                 }
             }
             if (ok) {
                 const dhsa_tensor Q{ (const float *) ((const char *) q->data + run.r0 * q->nb[1]), (int32_t) (run.r1 - run.r0),
                                      (int32_t) q->ne[2], (int32_t) g.d, (int64_t) (q->nb[1] / sizeof(float)),
                                      (int64_t) (q->nb[2] / sizeof(float)) };
-                ok = dhsa_query_block_reprs(&Q, (int32_t) g.n_head_kv, rt->q_block, Qb) == DHSA_OK &&
+                ok = dhsa_query_block_reprs(&Q, (int32_t) g.n_head_kv, op.q_block, Qb) == DHSA_OK &&
                      dhsa_select_ranges(&p_run, Qb, run_kc, bounds, n_chunks, (int32_t) (run.r1 - run.r0),
                                         pos[run.r0] - run.base, (int32_t) g.n_head_kv, (int32_t) g.d, run_slots,
                                         (int32_t) g.max_ranges, select_work, select_work_size) == DHSA_OK;
             }
             if (!ok) {  // dense over the sequence's own cells
-                write_dense_slots(g, pos, rt->q_block, slots, b0, b1, run.base);
+                write_dense_slots(g, pos, op.q_block, slots, b0, b1, run.base);
                 continue;
             }
             any_sparse = true;
@@ -529,15 +529,14 @@ void ggml_compute_forward_dhsa_select(const struct ggml_compute_params * params,
 
 void ggml_compute_forward_dhsa_attn(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
     const dhsa_op_params op = dhsa_read_op_params(dst);
-    dhsa_runtime * rt = op.rt;
     const ggml_tensor * q = dst->src[0], * k = dst->src[1], * v = dst->src[2], * mask = dst->src[3];
     const ggml_tensor * sel = dst->src[4];
 
     const int64_t dk = k->ne[0], dv = v->ne[0], n_q = q->ne[1], n_head = q->ne[2], n_head_kv = k->ne[2];
     const int64_t group = n_head / n_head_kv;
-    const int64_t q_block = rt->q_block;
+    const int64_t q_block = op.q_block;
     const int64_t n_blocks = (n_q + q_block - 1) / q_block;
-    const int64_t slot_size = 1 + 2 * (int64_t) ggml_dhsa_max_ranges(k->ne[1], rt);
+    const int64_t slot_size = 1 + 2 * (int64_t) ggml_dhsa_max_ranges(k->ne[1], op.chunk_min, op.chunk_avg);
     const int32_t * pos   = (const int32_t *) sel->data;
     const int32_t * slots = pos + DHSA_SEL_HEADER(n_q);
 
@@ -679,6 +678,6 @@ void ggml_compute_forward_dhsa_attn(const struct ggml_compute_params * params, s
             }
         }
     }
-    __atomic_fetch_add(&rt->pairs_computed[op.il], pairs_computed, __ATOMIC_RELAXED);
-    __atomic_fetch_add(&rt->pairs_causal[op.il], pairs_causal, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&op.state->pairs_computed[op.il], pairs_computed, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&op.state->pairs_causal[op.il], pairs_causal, __ATOMIC_RELAXED);
 }

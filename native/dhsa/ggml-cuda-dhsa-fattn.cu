@@ -121,11 +121,11 @@ __global__ void __launch_bounds__(kCopyThreads) dhsa_fattn_heads_kernel(const fl
     dst[(r * n_head_kv + g) * row4 + c] = src[i];
 }
 
-// The route asked for: the runtime's, else (AUTO) the environment's PYDHSA_CUDA_ATTN = auto | own | fattn,
+// The route asked for: the node's, else (AUTO) the environment's PYDHSA_CUDA_ATTN = auto | own | fattn,
 // read at every node (a getenv is nothing next to the node's launches, and tests switch it per model).
-int32_t requested_route(const dhsa_runtime * rt) {
-    if (rt->cuda_attn_route != DHSA_CUDA_ATTN_AUTO) {
-        return rt->cuda_attn_route;
+int32_t requested_route(const dhsa_op_params & op) {
+    if (op.cuda_attn_route != DHSA_CUDA_ATTN_AUTO) {
+        return op.cuda_attn_route;
     }
     const char * e = getenv("PYDHSA_CUDA_ATTN");
     if (e == nullptr || *e == '\0' || strcmp(e, "auto") == 0) {
@@ -202,7 +202,6 @@ struct fattn_plan {
 // Whether upstream's sparse kernel computes this node exactly (file comment), and with which tile.
 bool plan_fattn(int device, const ggml_tensor * dst, const dhsa_op_params & op, const fattn_node & n,
                 fattn_plan * plan) {
-    const dhsa_runtime * rt = op.rt;
     const ggml_tensor * k = dst->src[1], * v = dst->src[2];
     const int cc = ggml_cuda_info().devices[device].cc;
     const int64_t n_q = n.q.ne[1], n_kv = k->ne[1], d = k->ne[0], G = n.q.ne[2];
@@ -211,8 +210,8 @@ bool plan_fattn(int device, const ggml_tensor * dst, const dhsa_op_params & op, 
         ggml_cuda_highest_compiled_arch(cc) < GGML_CUDA_CC_AMPERE ||
         !(d == 64 || d == 128 || d == 256) || v->ne[0] != d ||
         k->type != GGML_TYPE_F16 || v->type != GGML_TYPE_F16 ||
-        rt->budget >= 1.0 || n_kv < rt->min_context ||        // dense selections: nothing to skip
-        rt->dense_from < n_kv) {                               // dense rows would overflow every list
+        op.budget >= 1.0 || n_kv < op.min_context ||          // dense selections: nothing to skip
+        op.state->dense_from < n_kv) {                         // dense rows would overflow every list
         return false;
     }
     // The tile ggml picks for this node (fattn.cu: ..._switch_ncols2 and _switch_ncols1 on Ampere and later).
@@ -221,12 +220,12 @@ bool plan_fattn(int device, const ggml_tensor * dst, const dhsa_op_params & op, 
     const int ncols2 = !gqa_opt ? 1 : G > 4 ? 8 : G > 2 ? 4 : G > 1 ? 2 : 1;
     const int ncols1 = 64 / ncols2;
     if (!ggml_cuda_dhsa_fattn_sparse_shape((int) d, (int) d, ncols1, ncols2) || n_q <= 32 / ncols2 ||
-        rt->q_block % ncols1 != 0) {
+        op.q_block % ncols1 != 0) {
         return false;
     }
-    const int64_t budget_tokens = (int64_t) std::ceil(rt->budget * (double) n_kv);
-    const int64_t forced        = std::min<int64_t>(rt->sink_tokens, n_kv) + rt->local_tokens + rt->q_block;
-    const int64_t bound = std::min<int64_t>(n_kv, std::max<int64_t>(forced, budget_tokens - 1 + rt->chunk_max));
+    const int64_t budget_tokens = (int64_t) std::ceil(op.budget * (double) n_kv);
+    const int64_t forced        = std::min<int64_t>(op.sink_tokens, n_kv) + op.local_tokens + op.q_block;
+    const int64_t bound = std::min<int64_t>(n_kv, std::max<int64_t>(forced, budget_tokens - 1 + op.chunk_max));
     plan->ncols1   = ncols1;
     plan->n_kv_max = (int32_t) bound;
     // Test hook: a smaller bound makes lists overflow, so that tests can check the fallback behind it.
@@ -264,7 +263,7 @@ bool ggml_cuda_dhsa_attn_via_fattn(ggml_backend_cuda_context & ctx, ggml_tensor 
     // 1.3x our kernel's time; whole prefills of Gemma3-1B- and Qwen2-7B-shaped models equal within noise;
     // bench/results/cuda-h200-fattn/). Upstream's sparse kernel loads K/V in one stage (no cp.async
     // pipeline) and gathers the mask element by element; ours pipelines both.
-    if (requested_route(op.rt) != DHSA_CUDA_ATTN_FATTN) {
+    if (requested_route(op) != DHSA_CUDA_ATTN_FATTN) {
         return false;
     }
     fattn_node n;
@@ -287,7 +286,7 @@ bool ggml_cuda_dhsa_attn_via_fattn(ggml_backend_cuda_context & ctx, ggml_tensor 
     n.fa.op_params[3]               = GGML_PREC_F32;   // as llama.cpp sets it
     n.fa.op_params[4]               = plan.n_kv_max;
     n.fa.op_params[kParamMagic]     = kMagic;
-    n.fa.op_params[kParamQBlock]    = op.rt->q_block;
+    n.fa.op_params[kParamQBlock]    = op.q_block;
     n.fa.op_params[kParamMaxRanges] = own.max_ranges;
     int32_t * flag = overflow.get();
     memcpy(&n.fa.op_params[kParamOverflow], &flag, sizeof(flag));
@@ -301,6 +300,6 @@ bool ggml_cuda_dhsa_attn_via_fattn(ggml_backend_cuda_context & ctx, ggml_tensor 
     }
     own.run_if = flag;  // recomputes the node only if a list overflowed its bound
     CUDA_CHECK(dhsa_cuda_attn(&own, stream));
-    op.rt->cuda_fattn_runs++;
+    op.state->cuda_fattn_runs++;
     return true;
 }

@@ -15,6 +15,25 @@ int64_t stride(const ggml_tensor * t, int dim, size_t elem) {
     return (int64_t) (t->nb[dim] / elem);
 }
 
+// q, k and the mask of a DHSA node, as the launchers take them.
+dhsa_cuda_views views_of(const ggml_tensor * q, const ggml_tensor * k, const ggml_tensor * mask) {
+    dhsa_cuda_views in = {};
+    in.q         = (const float *) q->data;
+    in.q_row     = stride(q, 1, sizeof(float));
+    in.q_head    = stride(q, 2, sizeof(float));
+    in.k         = (const half *) k->data;
+    in.k_row     = stride(k, 1, sizeof(half));
+    in.k_head    = stride(k, 2, sizeof(half));
+    in.mask      = (const half *) mask->data;
+    in.mask_row  = stride(mask, 1, sizeof(half));
+    in.n_q       = (int32_t) q->ne[1];
+    in.n_kv      = (int32_t) k->ne[1];
+    in.n_head    = (int32_t) q->ne[2];
+    in.n_head_kv = (int32_t) k->ne[2];
+    in.d         = (int32_t) k->ne[0];
+    return in;
+}
+
 // The per-layer CUDA segment caches of a runtime, created on first use and freed by
 // ggml_dhsa_runtime_release_cache (which calls release_device_caches through the runtime's hook).
 struct device_caches {
@@ -53,24 +72,12 @@ void ggml_cuda_op_dhsa_select(ggml_backend_cuda_context & ctx, ggml_tensor * dst
     const ggml_tensor * q = dst->src[0], * k = dst->src[1], * mask = dst->src[2];
 
     dhsa_cuda_select_args a = {};
-    a.q           = (const float *) q->data;
-    a.q_row       = stride(q, 1, sizeof(float));
-    a.q_head      = stride(q, 2, sizeof(float));
-    a.k           = (const half *) k->data;
-    a.k_row       = stride(k, 1, sizeof(half));
-    a.k_head      = stride(k, 2, sizeof(half));
-    a.mask        = (const half *) mask->data;
-    a.mask_row    = stride(mask, 1, sizeof(half));
-    a.n_q         = (int32_t) q->ne[1];
-    a.n_kv        = (int32_t) k->ne[1];
-    a.n_head      = (int32_t) q->ne[2];
-    a.n_head_kv   = (int32_t) k->ne[2];
-    a.d           = (int32_t) k->ne[0];
-    a.params      = dhsa_params_from_runtime(op.rt);
-    a.min_context = op.rt->min_context;
-    a.max_ranges  = ggml_dhsa_max_ranges(k->ne[1], op.rt);
+    a.in          = views_of(q, k, mask);
+    a.params      = dhsa_select_params(&op);
+    a.min_context = op.min_context;
+    a.max_ranges  = ggml_dhsa_max_ranges(k->ne[1], op.chunk_min, op.chunk_avg);
     a.sel         = (int32_t *) dst->data;
-    a.cache       = layer_cache(op.rt, op.il);
+    a.cache       = layer_cache(op.state, op.il);
 
     ggml_cuda_pool_alloc<char> scratch(ctx.pool(), std::max<size_t>(dhsa_cuda_select_scratch_size(&a), 1));
     a.scratch = scratch.get();
@@ -83,26 +90,14 @@ void ggml_cuda_op_dhsa_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) 
     const ggml_tensor * sel = dst->src[4];
 
     dhsa_cuda_attn_args a = {};
-    a.q          = (const float *) q->data;
-    a.q_row      = stride(q, 1, sizeof(float));
-    a.q_head     = stride(q, 2, sizeof(float));
-    a.k          = (const half *) k->data;
-    a.k_row      = stride(k, 1, sizeof(half));
-    a.k_head     = stride(k, 2, sizeof(half));
+    a.in         = views_of(q, k, mask);
     a.v          = (const half *) v->data;
     a.v_row      = stride(v, 1, sizeof(half));
     a.v_head     = stride(v, 2, sizeof(half));
-    a.mask       = (const half *) mask->data;
-    a.mask_row   = stride(mask, 1, sizeof(half));
     a.sel        = (const int32_t *) sel->data;
-    a.max_ranges = ggml_dhsa_max_ranges(k->ne[1], op.rt);
-    a.q_block    = op.rt->q_block;
+    a.max_ranges = ggml_dhsa_max_ranges(k->ne[1], op.chunk_min, op.chunk_avg);
+    a.q_block    = op.q_block;
     a.dst        = (float *) dst->data;
-    a.n_q        = (int32_t) q->ne[1];
-    a.n_kv       = (int32_t) k->ne[1];
-    a.n_head     = (int32_t) q->ne[2];
-    a.n_head_kv  = (int32_t) k->ne[2];
-    a.d          = (int32_t) k->ne[0];
     a.scale      = op.scale;
     a.softcap    = op.softcap;
     // The density statistics (dhsa_runtime.pairs_*) are counted by the CPU kernel only: reading them

@@ -2,18 +2,15 @@
 // ggml op constructor. See ggml-dhsa.h.
 #include "ggml-dhsa.h"
 
+#include "dhsa-runtime-params.h"
 #include "ggml-impl.h"
 
 #include <string.h>
 
-// op_params: [0..1] the runtime pointer, [2] layer, [3] scale (f32), [4] softcap (f32)
+// op_params: struct dhsa_op_params (dhsa-runtime-params.h), the settings as values
 static void dhsa_set_params(struct ggml_tensor * t, struct dhsa_runtime * rt, int32_t il, float scale, float softcap) {
-    int32_t params[5];
-    memcpy(params, &rt, sizeof(rt));
-    params[2] = il;
-    memcpy(&params[3], &scale, sizeof(float));
-    memcpy(&params[4], &softcap, sizeof(float));
-    ggml_set_op_params(t, params, sizeof(params));
+    const struct dhsa_op_params p = dhsa_op_params_from_runtime(rt, il, scale, softcap);
+    dhsa_write_op_params(t, &p);
 }
 
 bool ggml_dhsa_supports_kv_type(enum ggml_type type) {
@@ -26,10 +23,10 @@ bool ggml_dhsa_supports_head_size(int64_t d) {
     return d >= 16 && d <= 512 && d % 16 == 0;
 }
 
-int32_t ggml_dhsa_max_ranges(int64_t n_kv, const struct dhsa_runtime * rt) {
+int32_t ggml_dhsa_max_ranges(int64_t n_kv, int32_t chunk_min, int32_t chunk_avg) {
     // Each range holds the sink, the local window or at least one chunk, and ranges are separated by at
     // least one key: bounded by the chunk count + 2 and by half the keys.
-    const int64_t shortest = rt->chunk_min < rt->chunk_avg ? rt->chunk_min : rt->chunk_avg;
+    const int64_t shortest = chunk_min < chunk_avg ? chunk_min : chunk_avg;
     const int64_t chunks   = n_kv / (shortest > 0 ? shortest : 1) + n_kv / DHSA_SEGMENT + 2;
     const int64_t half     = (n_kv + 1) / 2;
     const int64_t m        = chunks + 2 < half ? chunks + 2 : half;
@@ -47,7 +44,7 @@ struct ggml_tensor * ggml_dhsa_select(struct ggml_context * ctx, struct ggml_ten
 
     const int64_t n_q       = q->ne[1];
     const int64_t n_blocks  = (n_q + rt->q_block - 1) / rt->q_block;
-    const int64_t slot_size = 1 + 2 * (int64_t) ggml_dhsa_max_ranges(k->ne[1], rt);
+    const int64_t slot_size = 1 + 2 * (int64_t) ggml_dhsa_max_ranges(k->ne[1], rt->chunk_min, rt->chunk_avg);
     struct ggml_tensor * result =
         ggml_new_tensor_1d(ctx, GGML_TYPE_I32, DHSA_SEL_HEADER(n_q) + n_blocks * k->ne[2] * slot_size);
     dhsa_set_params(result, rt, il, 0.0f, 0.0f);

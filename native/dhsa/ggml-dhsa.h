@@ -17,8 +17,10 @@
 // cells, attend densely. The result is always exactly attention under the mask, restricted to the
 // selected keys.
 //
-// Parameters are read at compute time from a dhsa_runtime owned by the caller (its address is stored in
-// op_params), so a reused graph always sees the current settings (e.g. the prompt's dense tail).
+// The settings are copied from the caller's dhsa_runtime into op_params when the graph is built, as values
+// (dhsa-runtime-params.h); the node also keeps the runtime's address for what changes while a graph is
+// reused (the decode call's dense tail) and for the segment caches and counters, so the runtime must
+// outlive the graphs built from it.
 #pragma once
 
 #include "ggml.h"
@@ -129,7 +131,7 @@ GGML_API struct ggml_tensor * ggml_dhsa_attn(struct ggml_context * ctx, struct g
 // Layout of the selection tensor (I32, 1-D): [n_q row positions][1 flag][slots], slot (b, g) at
 // DHSA_SEL_HEADER(n_q) + (b * H_kv + g) * (1 + 2 * max_ranges): count, then start/end pairs.
 #define DHSA_SEL_HEADER(n_q) ((n_q) + 1)
-GGML_API int32_t ggml_dhsa_max_ranges(int64_t n_kv, const struct dhsa_runtime * rt);
+GGML_API int32_t ggml_dhsa_max_ranges(int64_t n_kv, int32_t chunk_min, int32_t chunk_avg);
 
 #ifdef __cplusplus
 }
