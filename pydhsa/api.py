@@ -119,7 +119,26 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-class Model:
+class _Handle:
+    """An object owning a native pointer (`_ptr`) that `close()` frees: a context manager, closed when
+    collected if the caller did not."""
+    _ptr = None
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_ptr", None) is not None:
+            self.close()
+
+
+class Model(_Handle):
     """A GGUF model loaded by the engine. `n_gpu_layers`: layers to offload (-1 = all, 0 = CPU only).
     `metadata_only`: hyperparameters, vocabulary and tensor shapes without the weights (info, dhsa_plan,
     chat templates; no sessions)."""
@@ -243,18 +262,9 @@ class Model:
             self._lib.pydhsa_model_free(self._ptr)
             self._ptr = None
 
-    def __enter__(self) -> "Model":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_ptr", None) is not None:
-            self.close()
 
 
-class Session:
+class Session(_Handle):
     """A context (KV cache) on a Model: prefill tokens, then generate.
 
     One session serves one call at a time: a call made while another thread's call (or an unfinished
@@ -545,13 +555,3 @@ class Session:
     def _free(self) -> None:
         self._lib.pydhsa_session_free(self._ptr)
         self._ptr = None
-
-    def __enter__(self) -> "Session":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_ptr", None) is not None:
-            self.close()

@@ -9,8 +9,10 @@ folder of the nvidia-cublas wheel). Skipped, with the reason, on machines withou
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,10 +24,35 @@ ARCH = os.environ.get("PYDHSA_TEST_CUDA_ARCH", "80")  # the oldest architecture 
 
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (the CUDA sources are compiled where it is)")
 
-FILES = {
-    "dhsa-cuda-select.cu": ["--fmad=false"],
-    "dhsa-cuda-attn.cu": ["-use_fast_math", "-extended-lambda"],
-}
+
+def pristine_tree() -> Path:
+    """The pinned upstream tree, from the build's cache (fetched if absent)."""
+    out = subprocess.run([sys.executable, str(REPO / "native" / "fetch_upstream.py")], capture_output=True,
+                         text=True, check=True)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def cmake_flags(text: str, pattern: str) -> list:
+    """The flags a CMake file gives a target, read with `pattern` (one group: the flag list)."""
+    match = re.search(pattern, text)
+    assert match, f"not found in the CMake file: {pattern}"
+    return match.group(1).split()
+
+
+def build_flags() -> dict:
+    """Each kernel file's nvcc flags, read from where the build defines them (so this test cannot drift from
+    the build): the selection is its own target with native/CMakeLists.txt's options; the attention is
+    compiled as part of ggml-cuda, with upstream's CUDA_FLAGS (ggml/src/ggml-cuda/CMakeLists.txt)."""
+    ours = (REPO / "native" / "CMakeLists.txt").read_text()
+    upstream = (pristine_tree() / "ggml" / "src" / "ggml-cuda" / "CMakeLists.txt").read_text()
+    return {
+        "dhsa-cuda-select.cu": cmake_flags(
+            ours, r"target_compile_options\(pydhsa-cuda-select PRIVATE \$<\$<COMPILE_LANGUAGE:CUDA>:([^>]*)>\)"),
+        "dhsa-cuda-attn.cu": cmake_flags(upstream, r"set\(CUDA_FLAGS ([^)]*)\)"),
+    }
+
+
+FILES = ["dhsa-cuda-attn.cu", "dhsa-cuda-select.cu"]
 
 
 def nvcc(source: Path, flags, out: Path, includes=()):
@@ -36,19 +63,23 @@ def nvcc(source: Path, flags, out: Path, includes=()):
 
 def patched_tree(tmp_path: Path) -> Path:
     """The pinned upstream tree (from the build's cache, fetched if absent) with our patch series applied."""
-    import sys
 
     def last_line(*args):
         out = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, check=True)
         return Path(out.stdout.strip().splitlines()[-1])
 
-    pristine = last_line(REPO / "native" / "fetch_upstream.py")
-    return last_line(REPO / "native" / "apply_patches.py", pristine, REPO / "native" / "patches", tmp_path)
+    return last_line(REPO / "native" / "apply_patches.py", pristine_tree(), REPO / "native" / "patches", tmp_path)
 
 
-@pytest.mark.parametrize("name", sorted(FILES))
+def test_build_flags_are_found():
+    flags = build_flags()
+    assert "--fmad=false" in flags["dhsa-cuda-select.cu"]  # the exact selection (native/CMakeLists.txt)
+    assert "-use_fast_math" in flags["dhsa-cuda-attn.cu"]
+
+
+@pytest.mark.parametrize("name", FILES)
 def test_kernel_file_compiles(name, tmp_path):
-    result = nvcc(DHSA / name, FILES[name], tmp_path / (name + ".o"))
+    result = nvcc(DHSA / name, build_flags()[name], tmp_path / (name + ".o"))
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / (name + ".o")).stat().st_size > 0
 
@@ -70,6 +101,6 @@ def test_ggml_cuda_glue_compiles(name, tmp_path):
         pytest.skip(f"cuBLAS headers not installed (looked in {', '.join(map(str, CUBLAS_CANDIDATES))}; "
                     "PYDHSA_CUBLAS_INCLUDE names another folder); ggml-cuda's common.cuh needs them")
     tree = patched_tree(tmp_path)
-    result = nvcc(DHSA / name, ["-use_fast_math", "-extended-lambda", "-DPYDHSA_CUDA"], tmp_path / "glue.o",
+    result = nvcc(DHSA / name, [*build_flags()["dhsa-cuda-attn.cu"], "-DPYDHSA_CUDA"], tmp_path / "glue.o",
                   includes=(tree / "ggml" / "include", tree / "ggml" / "src", *cublas_include()))
     assert result.returncode == 0, result.stderr[-4000:]

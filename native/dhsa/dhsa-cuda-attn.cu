@@ -75,19 +75,14 @@ struct attn_traits {
 
 // Everything the kernel needs, derived once on the host.
 struct attn_params {
-    const float * q;
-    int64_t q_row, q_head;
-    const half * k;
-    int64_t k_row, k_head;
+    dhsa_cuda_views in;     // q, k, the mask and the sizes (dhsa-cuda.h)
     const half * v;
     int64_t v_row, v_head;
-    const half * mask;
-    int64_t mask_row;
     const int32_t * pos;    // [n_q] key position of each query row, -1: sees nothing
     const int32_t * slots;  // range lists, slot (b, g) at slots + (b * n_head_kv + g) * slot_size
     int64_t slot_size;
     float * dst;
-    int32_t n_q, n_kv, n_head, n_head_kv, q_block, group;
+    int32_t q_block, group;
     int32_t n_blocks;       // query blocks
     int32_t n_sub;          // CTAs per (query block, KV head) along the rows
     int32_t n_parts;        // CTAs per (query block, KV head, row sub-tile) along the keys (split kernels)
@@ -196,7 +191,7 @@ __device__ void load_q_tile(const attn_params & p, half * q_smem, int rows, int 
         if (m < rows_in_block) {
             const int r = first_row + m / p.group;
             const int h = (int) blockIdx.y * p.group + m % p.group;
-            const float * src = p.q + (int64_t) r * p.q_row + (int64_t) h * p.q_head + chunk * 8;
+            const float * src = p.in.q + (int64_t) r * p.in.q_row + (int64_t) h * p.in.q_head + chunk * 8;
             packed.x = pack_half2(src[0] * p.q_scale, src[1] * p.q_scale);
             packed.y = pack_half2(src[2] * p.q_scale, src[3] * p.q_scale);
             packed.z = pack_half2(src[4] * p.q_scale, src[5] * p.q_scale);
@@ -237,7 +232,7 @@ __device__ void load_kv_tile(const attn_params & p, const half * k_head, const h
         const int key  = tile_keys[slot];
         const bool valid = key >= 0;
         const int64_t j  = valid ? key : 0;  // key 0 is a safe address for the zero-fills
-        const half * k_src = k_head + j * p.k_row + chunk * 8;
+        const half * k_src = k_head + j * p.in.k_row + chunk * 8;
         const half * v_src = v_head + j * p.v_row + chunk * 8;
         const int off = swizzled<D>(slot, chunk);
         if (p.kv_aligned) {
@@ -656,7 +651,7 @@ __device__ __forceinline__ void store_rows(const attn_params & p, const int (&ro
             continue;
         }
         const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
-        float * out = p.dst + ((int64_t) row_r[i] * p.n_head + row_h[i]) * D + 2 * tig;
+        float * out = p.dst + ((int64_t) row_r[i] * p.in.n_head + row_h[i]) * D + 2 * tig;
 #pragma unroll
         for (int dt = 0; dt < D / 8; dt++) {
             const float2 val = l[i] > 0.0f ? make_float2(o[dt][2 * i] * inv, o[dt][2 * i + 1] * inv)
@@ -727,7 +722,7 @@ dhsa_attn_kernel(const attn_params p) {
     const int      g    = (int) blockIdx.y;
 
     const int first_row     = b * p.q_block;
-    const int rows_in_block = min(p.q_block, p.n_q - first_row) * p.group;  // flattened (row, head) pairs
+    const int rows_in_block = min(p.q_block, p.in.n_q - first_row) * p.group;  // flattened (row, head) pairs
     const int row0_flat     = sub * rows_per_cta;
     if (row0_flat >= rows_in_block) {
         return;  // a sub-tile past a short last block: no rows (uniform over the CTA)
@@ -741,11 +736,11 @@ dhsa_attn_kernel(const attn_params p) {
         const int m = row0_flat + row_warp * kWarpRows + lane / 4 + 8 * i;
         row_r[i] = -1;
         row_h[i] = 0;
-        rows[i]  = { 0, p.mask };
+        rows[i]  = { 0, p.in.mask };
         if (m < rows_in_block) {
             row_r[i] = first_row + m / p.group;
             row_h[i] = g * p.group + m % p.group;
-            rows[i]  = { min(__ldg(p.pos + row_r[i]) + 1, p.n_kv), p.mask + (int64_t) row_r[i] * p.mask_row };
+            rows[i]  = { min(__ldg(p.pos + row_r[i]) + 1, p.in.n_kv), p.in.mask + (int64_t) row_r[i] * p.in.mask_row };
         }
     }
 
@@ -768,17 +763,17 @@ dhsa_attn_kernel(const attn_params p) {
     half * q_smem = reinterpret_cast<half *>(smem + T::kQOffset);
     load_q_tile<D>(p, q_smem, rows_per_cta, row0_flat, rows_in_block, first_row);
     __syncthreads();
-    const int key_end = min(cta_key_end, p.n_kv);
+    const int key_end = min(cta_key_end, p.in.n_kv);
 
     // The keys this CTA walks: [span.lo, span.hi) of the slot's ranges, from range span.range on.
-    const int32_t * slot = p.slots + ((int64_t) b * p.n_head_kv + g) * p.slot_size;
+    const int32_t * slot = p.slots + ((int64_t) b * p.in.n_head_kv + g) * p.slot_size;
     key_span span = { 0, key_end, 0 };
     __shared__ int64_t cta_part_index;  // where a split walk stores its state; read back at the end (in
                                         // shared memory, not kept live in registers across the tile loop)
     if constexpr (kSplit) {
         if (p.n_parts > 1) {
             if (threadIdx.x == 0) {
-                cta_part_index = ((int64_t) b * p.n_head_kv + g) * p.n_parts + part;
+                cta_part_index = ((int64_t) b * p.in.n_head_kv + g) * p.n_parts + part;
             }
             span = find_part<T::kMaxWarps>(slot, key_end, part, p.n_parts);
         }
@@ -802,7 +797,7 @@ dhsa_attn_kernel(const attn_params p) {
     float m_run[2] = { -INFINITY, -INFINITY };
     float l_run[2] = { 0.0f, 0.0f };
 
-    const half * k_head  = p.k + (int64_t) g * p.k_head;
+    const half * k_head  = p.in.k + (int64_t) g * p.in.k_head;
     const half * v_head  = p.v + (int64_t) g * p.v_head;
     const uint32_t ring_addr   = smem_address(ring);
     const uint32_t q_smem_addr = smem_address(q_smem);
@@ -934,9 +929,9 @@ __global__ void __launch_bounds__(kMergeThreads) dhsa_attn_merge_kernel(const at
 
     const int64_t slot_index = blockIdx.x / p.part_rows;  // b * n_head_kv + g
     const int m = (int) (blockIdx.x % p.part_rows);
-    const int b = (int) (slot_index / p.n_head_kv), g = (int) (slot_index % p.n_head_kv);
+    const int b = (int) (slot_index / p.in.n_head_kv), g = (int) (slot_index % p.in.n_head_kv);
     const int first_row = b * p.q_block;
-    if (m >= min(p.q_block, p.n_q - first_row) * p.group) {
+    if (m >= min(p.q_block, p.in.n_q - first_row) * p.group) {
         return;  // past the rows of a short last block (uniform over the CTA)
     }
 
@@ -972,7 +967,7 @@ __global__ void __launch_bounds__(kMergeThreads) dhsa_attn_merge_kernel(const at
             acc.x += x.x; acc.y += x.y; acc.z += x.z; acc.w += x.w;
         }
         const int r = first_row + m / p.group, h = g * p.group + m % p.group;
-        float * out = p.dst + ((int64_t) r * p.n_head + h) * D + 4 * col;
+        float * out = p.dst + ((int64_t) r * p.in.n_head + h) * D + 4 * col;
         const float inv  = l > 0.0f ? 1.0f / l : 0.0f;
         const bool  seen = l > 0.0f;  // a row without a finite score writes zeros
         *reinterpret_cast<float2 *>(out)     = seen ? make_float2(acc.x * inv, acc.y * inv) : make_float2(0.0f, 0.0f);
@@ -1001,13 +996,13 @@ __global__ void __launch_bounds__(kMergeRowsWarps * kWarpSize) dhsa_attn_merge_r
     const int lane = threadIdx.x % kWarpSize;
     const int64_t row_index = (int64_t) blockIdx.x * kMergeRowsWarps + threadIdx.x / kWarpSize;
     const int64_t slot_index = row_index / p.part_rows;  // b * n_head_kv + g
-    if (slot_index >= (int64_t) p.n_blocks * p.n_head_kv) {
+    if (slot_index >= (int64_t) p.n_blocks * p.in.n_head_kv) {
         return;
     }
     const int m = (int) (row_index % p.part_rows);
-    const int b = (int) (slot_index / p.n_head_kv), g = (int) (slot_index % p.n_head_kv);
+    const int b = (int) (slot_index / p.in.n_head_kv), g = (int) (slot_index % p.in.n_head_kv);
     const int first_row = b * p.q_block;
-    if (m >= min(p.q_block, p.n_q - first_row) * p.group) {
+    if (m >= min(p.q_block, p.in.n_q - first_row) * p.group) {
         return;  // past the rows of a short last block (uniform over the warp)
     }
 
@@ -1049,7 +1044,7 @@ __global__ void __launch_bounds__(kMergeRowsWarps * kWarpSize) dhsa_attn_merge_r
     }
 
     const int r = first_row + m / p.group, h = g * p.group + m % p.group;
-    float * out = p.dst + ((int64_t) r * p.n_head + h) * D;
+    float * out = p.dst + ((int64_t) r * p.in.n_head + h) * D;
     const float inv  = l > 0.0f ? 1.0f / l : 0.0f;
     const bool  seen = l > 0.0f;  // a row without a finite score writes zeros
 #pragma unroll
@@ -1092,20 +1087,20 @@ struct attn_plan {
 template <int D>
 attn_plan make_plan(const dhsa_cuda_attn_args & a) {
     using T = attn_traits<D>;
-    const int64_t group = a.n_head / a.n_head_kv;
+    const int64_t group = a.in.n_head / a.in.n_head_kv;
     attn_plan plan;
     // Rows of one block: (query row, head) pairs, in groups of 16 (one per warp). Few groups (decode,
     // short ubatches) split every tile's keys between T::kMaxKeyParts warps per group instead, and the
     // block's keys between CTAs when the blocks alone give too few CTAs.
-    plan.block_rows = (int64_t) (a.q_block < a.n_q ? a.q_block : a.n_q) * group;
+    plan.block_rows = (int64_t) (a.q_block < a.in.n_q ? a.q_block : a.in.n_q) * group;
     const int64_t row_groups = (plan.block_rows + kWarpRows - 1) / kWarpRows;
     plan.split_keys = row_groups * T::kMaxKeyParts <= T::kMaxWarps;
     plan.cta_groups = (int) (row_groups < T::kMaxWarps ? row_groups : T::kMaxWarps);
     plan.n_sub      = (row_groups + plan.cta_groups - 1) / plan.cta_groups;
-    plan.n_blocks   = ((int64_t) a.n_q + a.q_block - 1) / a.q_block;
-    int64_t parts = plan.split_keys ? kSplitMaxCtas / (plan.n_blocks * a.n_head_kv)
-                                    : kSplitMaxRows / (plan.n_blocks * a.n_head_kv * plan.block_rows);
-    parts = parts < a.n_kv / kSplitMinKeys ? parts : a.n_kv / kSplitMinKeys;
+    plan.n_blocks   = ((int64_t) a.in.n_q + a.q_block - 1) / a.q_block;
+    int64_t parts = plan.split_keys ? kSplitMaxCtas / (plan.n_blocks * a.in.n_head_kv)
+                                    : kSplitMaxRows / (plan.n_blocks * a.in.n_head_kv * plan.block_rows);
+    parts = parts < a.in.n_kv / kSplitMinKeys ? parts : a.in.n_kv / kSplitMinKeys;
     parts = parts < kSplitMaxParts ? parts : kSplitMaxParts;
     if (!plan.split_keys && parts < 3) {
         // A prefill grid of more than kSplitMaxRows / 3 rows (85+ CTAs of 128 rows) is more than half
@@ -1119,11 +1114,11 @@ attn_plan make_plan(const dhsa_cuda_attn_args & a) {
 // Scratch of a split launch: the partial O (d floats) of every (block, KV head, part, row), then its
 // (max, sum). split_rows: the number of such rows.
 size_t split_rows(const attn_plan & plan, const dhsa_cuda_attn_args & a) {
-    return plan.max_parts > 1 ? (size_t) plan.n_blocks * a.n_head_kv * plan.max_parts * plan.block_rows : 0;
+    return plan.max_parts > 1 ? (size_t) plan.n_blocks * a.in.n_head_kv * plan.max_parts * plan.block_rows : 0;
 }
 
 size_t split_scratch_bytes(const attn_plan & plan, const dhsa_cuda_attn_args & a) {
-    return split_rows(plan, a) * ((size_t) a.d * sizeof(float) + sizeof(float2));
+    return split_rows(plan, a) * ((size_t) a.in.d * sizeof(float) + sizeof(float2));
 }
 
 // Lets dhsa_attn_kernel<...> use more than 48 KB of dynamic shared memory, once per device (the
@@ -1214,17 +1209,17 @@ cudaError_t launch_kernel(attn_params p, int n_warps, cudaStream_t stream) {
     if (kKeyParts > 1 && p.n_parts > 1) {
         // As many parts as keep the grid in one wave of resident CTAs (a second wave of a few CTAs
         // would add a whole part's time), and at most what the scratch holds (p.n_parts on entry).
-        const int64_t slots = (int64_t) p.n_blocks * p.n_head_kv;
+        const int64_t slots = (int64_t) p.n_blocks * p.in.n_head_kv;
         const int64_t parts = resident_ctas<D, kKeyParts, kSoftcap, kSplit>(n_warps, smem) / slots;
         p.n_parts = (int32_t) (parts < 1 ? 1 : parts < p.n_parts ? parts : p.n_parts);
     }
-    const dim3 grid((unsigned) ((int64_t) p.n_blocks * p.n_sub * p.n_parts), (unsigned) p.n_head_kv);
+    const dim3 grid((unsigned) ((int64_t) p.n_blocks * p.n_sub * p.n_parts), (unsigned) p.in.n_head_kv);
     kernel<<<grid, n_warps * kWarpSize, smem, stream>>>(p);
     err = cudaGetLastError();
     if (err != cudaSuccess || !kSplit || p.n_parts == 1) {
         return err;
     }
-    const int64_t rows = (int64_t) p.n_blocks * p.n_head_kv * p.part_rows;
+    const int64_t rows = (int64_t) p.n_blocks * p.in.n_head_kv * p.part_rows;
     if constexpr (kKeyParts > 1) {
         dhsa_attn_merge_kernel<D><<<(unsigned) rows, kMergeThreads, 0, stream>>>(p);  // one CTA per row
     } else {
@@ -1241,7 +1236,7 @@ cudaError_t launch_prefill(attn_params p, int n_warps, cudaStream_t stream) {
     using T = attn_traits<D>;
     if (p.n_parts > 1) {
         const size_t  smem = T::smem_bytes(n_warps * kWarpRows);
-        const int64_t ctas = (int64_t) p.n_blocks * p.n_sub * p.n_head_kv;
+        const int64_t ctas = (int64_t) p.n_blocks * p.n_sub * p.in.n_head_kv;
         int64_t wave = 0;
         if (allow_smem<D, 1, kSoftcap, true>(smem) == cudaSuccess) {
             wave = resident_ctas<D, 1, kSoftcap, true>(n_warps, smem);
@@ -1261,17 +1256,14 @@ template <int D>
 cudaError_t launch_attn(const dhsa_cuda_attn_args & a, cudaStream_t stream) {
     using T = attn_traits<D>;
     attn_params p = {};
-    p.q = a.q;       p.q_row = a.q_row;       p.q_head = a.q_head;
-    p.k = a.k;       p.k_row = a.k_row;       p.k_head = a.k_head;
+    p.in = a.in;
     p.v = a.v;       p.v_row = a.v_row;       p.v_head = a.v_head;
-    p.mask = a.mask; p.mask_row = a.mask_row;
     p.pos       = a.sel;
-    p.slots     = a.sel + a.n_q + 1;  // DHSA_SEL_HEADER(n_q) of ggml-dhsa.h: positions, then the sparse flag
+    p.slots     = a.sel + a.in.n_q + 1;  // DHSA_SEL_HEADER(n_q) of ggml-dhsa.h: positions, then the sparse flag
     p.slot_size = 1 + 2 * (int64_t) a.max_ranges;
     p.dst       = a.dst;
-    p.n_q = a.n_q;   p.n_kv = a.n_kv;   p.n_head = a.n_head;   p.n_head_kv = a.n_head_kv;
     p.q_block = a.q_block;
-    p.group   = a.n_head / a.n_head_kv;
+    p.group   = a.in.n_head / a.in.n_head_kv;
     p.run_if  = a.run_if;
 
     // ggml's conventions: q is scaled before its f16 conversion; with soft-capping the scale is
@@ -1281,12 +1273,12 @@ cudaError_t launch_attn(const dhsa_cuda_attn_args & a, cudaStream_t stream) {
     p.softcap_log2e = softcap ? a.softcap * kLog2e : 0.0f;
 
     const auto aligned16 = [](const void * ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; };
-    p.mask_words = (reinterpret_cast<uintptr_t>(a.mask) & 3) == 0 && a.mask_row % 2 == 0;
-    p.kv_aligned = aligned16(a.k) && aligned16(a.v) && a.k_row % 8 == 0 && a.k_head % 8 == 0 && a.v_row % 8 == 0 &&
+    p.mask_words = (reinterpret_cast<uintptr_t>(a.in.mask) & 3) == 0 && a.in.mask_row % 2 == 0;
+    p.kv_aligned = aligned16(a.in.k) && aligned16(a.v) && a.in.k_row % 8 == 0 && a.in.k_head % 8 == 0 && a.v_row % 8 == 0 &&
                    a.v_head % 8 == 0;
 
     const attn_plan plan = make_plan<D>(a);
-    if (plan.block_rows > INT_MAX || plan.n_blocks * plan.n_sub * plan.max_parts > INT_MAX || a.n_head_kv > 65535) {
+    if (plan.block_rows > INT_MAX || plan.n_blocks * plan.n_sub * plan.max_parts > INT_MAX || a.in.n_head_kv > 65535) {
         return cudaErrorInvalidValue;
     }
     p.n_blocks  = (int32_t) plan.n_blocks;
@@ -1312,7 +1304,7 @@ cudaError_t launch_attn(const dhsa_cuda_attn_args & a, cudaStream_t stream) {
 
 // The argument checks of dhsa_cuda_attn that do not depend on pointers.
 bool args_valid(const dhsa_cuda_attn_args * a) {
-    return a && a->n_q >= 0 && a->n_kv >= 0 && a->n_head > 0 && a->n_head_kv > 0 && a->n_head % a->n_head_kv == 0 &&
+    return a && a->in.n_q >= 0 && a->in.n_kv >= 0 && a->in.n_head > 0 && a->in.n_head_kv > 0 && a->in.n_head % a->in.n_head_kv == 0 &&
            a->q_block > 0 && a->max_ranges >= 0;
 }
 
@@ -1321,10 +1313,10 @@ bool args_valid(const dhsa_cuda_attn_args * a) {
 // Bytes of scratch for the split walks (few-row blocks, and prefill grids that underfill the device);
 // 0 when the launch never splits. A function of n_q, n_head, n_head_kv, d, q_block and n_kv only.
 size_t dhsa_cuda_attn_scratch_size(const dhsa_cuda_attn_args * a) {
-    if (!args_valid(a) || a->n_q == 0) {
+    if (!args_valid(a) || a->in.n_q == 0) {
         return 0;
     }
-    switch (a->d) {
+    switch (a->in.d) {
         case 64:  return split_scratch_bytes(make_plan<64>(*a), *a);
         case 128: return split_scratch_bytes(make_plan<128>(*a), *a);
         case 256: return split_scratch_bytes(make_plan<256>(*a), *a);
@@ -1340,13 +1332,13 @@ cudaError_t dhsa_cuda_attn(const dhsa_cuda_attn_args * a, cudaStream_t stream) {
     if (!args_valid(a)) {
         return cudaErrorInvalidValue;
     }
-    if (a->n_q == 0) {
+    if (a->in.n_q == 0) {
         return cudaGetLastError();  // nothing to write
     }
-    if (!a->q || !a->k || !a->v || !a->mask || !a->sel || !a->dst) {
+    if (!a->in.q || !a->in.k || !a->v || !a->in.mask || !a->sel || !a->dst) {
         return cudaErrorInvalidValue;
     }
-    switch (a->d) {
+    switch (a->in.d) {
         case 64:  return launch_attn<64>(*a, stream);
         case 128: return launch_attn<128>(*a, stream);
         case 256: return launch_attn<256>(*a, stream);

@@ -101,14 +101,8 @@ struct select_control {
 };
 
 struct select_plan {
-    // inputs (strides in elements, see dhsa-cuda.h)
-    const float * q;
-    int64_t       q_row, q_head;
-    const half *  k;
-    int64_t       k_row, k_head;
-    const half *  mask;
-    int64_t       mask_row;
-    int32_t       n_q, n_kv, n_head, n_head_kv, d, group;  // group = n_head / n_head_kv (G)
+    dhsa_cuda_views in;  // the inputs (dhsa-cuda.h)
+    int32_t group;       // n_head / n_head_kv (G)
 
     // parameters (dhsa_params) and the CPU op's settings
     double  budget;
@@ -220,7 +214,7 @@ __device__ __forceinline__ block_plan plan_block(const select_plan & P, int32_t 
     block_plan    bp;
     const int64_t qe = ((int64_t) b + 1) * P.q_block;
     bp.ps            = q_pos0 + b * P.q_block;
-    bp.pe            = q_pos0 + (qe < P.n_q ? (int32_t) qe : P.n_q) - 1;
+    bp.pe            = q_pos0 + (qe < P.in.n_q ? (int32_t) qe : P.in.n_q) - 1;
     bp.n_causal      = bp.pe + 1;
     bp.dense         = P.budget >= 1.0 || bp.pe >= P.dense_from;
     bp.sink_end      = P.sink_tokens < bp.n_causal ? P.sink_tokens : bp.n_causal;
@@ -326,13 +320,13 @@ __global__ void __launch_bounds__(kRowsPerCta * 32) row_positions_kernel(const s
         return;
     }
     const int r = blockIdx.x * kRowsPerCta + warp_id();
-    if (r >= P.n_q) {
+    if (r >= P.in.n_q) {
         return;
     }
-    const __half * row   = P.mask + (int64_t) r * P.mask_row;
+    const __half * row   = P.in.mask + (int64_t) r * P.in.mask_row;
     const int      lane  = lane_id();
     int32_t        found = -1;
-    for (int64_t top = (int64_t) P.n_kv - 1; top >= 0 && found < 0; top -= 32 * kRowUnroll) {
+    for (int64_t top = (int64_t) P.in.n_kv - 1; top >= 0 && found < 0; top -= 32 * kRowUnroll) {
         unsigned short bits[kRowUnroll];
 #pragma unroll
         for (int u = 0; u < kRowUnroll; ++u) {
@@ -382,14 +376,14 @@ __device__ __forceinline__ int32_t fingerprint_row_lo(const select_plan & P, int
 
 // The first 8 f16 of key row j, head h (zeros past d), as they lie in memory.
 __device__ __forceinline__ uint4 key_prefix(const select_plan & P, int32_t j, int h) {
-    const half * src = P.k + (int64_t) j * P.k_row + (int64_t) h * P.k_head;
+    const half * src = P.in.k + (int64_t) j * P.in.k_row + (int64_t) h * P.in.k_head;
     if (P.keys_vectorized) {  // 16-byte aligned, d % 8 == 0
         return __ldg(reinterpret_cast<const uint4 *>(src));
     }
     unsigned b[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-        b[i] = i < P.d ? (unsigned) __half_as_ushort(__ldg(src + i)) : 0u;
+        b[i] = i < P.in.d ? (unsigned) __half_as_ushort(__ldg(src + i)) : 0u;
     }
     return make_uint4(b[0] | b[1] << 16, b[2] | b[3] << 16, b[4] | b[5] << 16, b[6] | b[7] << 16);
 }
@@ -409,14 +403,14 @@ __device__ void fingerprint_cta(const select_plan & P, int s) {
 
     const int32_t seg0 = s * kSegment, seg1 = seg0 + kSegment;
     const int32_t lo   = fingerprint_row_lo(P, seg0);
-    const int64_t n    = (int64_t) (seg1 - lo) * P.n_head_kv;  // items (row, head), heads inner
+    const int64_t n    = (int64_t) (seg1 - lo) * P.in.n_head_kv;  // items (row, head), heads inner
     unsigned long long sum = 0;
     for (int64_t base = 0; base < n; base += (int64_t) kFpBatch * kFpThreads) {
         uint4 v[kFpBatch];
 #pragma unroll
         for (int u = 0; u < kFpBatch; ++u) {
             const int64_t item = base + u * kFpThreads + threadIdx.x;
-            v[u] = item < n ? key_prefix(P, lo + (int32_t) (item / P.n_head_kv), (int) (item % P.n_head_kv))
+            v[u] = item < n ? key_prefix(P, lo + (int32_t) (item / P.in.n_head_kv), (int) (item % P.in.n_head_kv))
                             : make_uint4(0u, 0u, 0u, 0u);
         }
 #pragma unroll
@@ -424,7 +418,7 @@ __device__ void fingerprint_cta(const select_plan & P, int s) {
             const int64_t item = base + u * kFpThreads + threadIdx.x;
             if (item < n) {
                 // position: (row - seg0) * H_kv + head, rows before seg0 negative (two's complement)
-                const int64_t position = (int64_t) (lo - seg0) * P.n_head_kv + item;
+                const int64_t position = (int64_t) (lo - seg0) * P.in.n_head_kv + item;
                 sum += item_hash((unsigned long long) position, v[u]);
             }
         }
@@ -444,7 +438,7 @@ __device__ void fingerprint_cta(const select_plan & P, int s) {
         }
         // What else the entry depends on: its place, the rows hashed, the parameters and the layout.
         const int64_t params[] = { 0x44485341, kSegment, s, seg0 - lo, P.boundary, P.chunk_min, P.chunk_max,
-                                   P.chunk_avg, P.window, P.n_head_kv, P.d, P.seg_cap };
+                                   P.chunk_avg, P.window, P.in.n_head_kv, P.in.d, P.seg_cap };
         unsigned long long h = 0x243f6a8885a308d3ull;
         for (int i = 0; i < (int) (sizeof(params) / sizeof(params[0])); ++i) {
             h = mix64(h ^ (unsigned long long) params[i]);
@@ -462,14 +456,14 @@ __device__ select_control derive_control(const select_plan & P) {
     const int32_t * pos         = P.sel;
     const int32_t   q_pos0      = pos[0];
     bool            consecutive = true;
-    for (int r = threadIdx.x; r < P.n_q; r += blockDim.x) {
+    for (int r = threadIdx.x; r < P.in.n_q; r += blockDim.x) {
         consecutive = consecutive && (int64_t) pos[r] == (int64_t) q_pos0 + r;
     }
     const bool sparse = __syncthreads_and(consecutive) && P.sparse_allowed && q_pos0 >= 0 &&
-                        (int64_t) q_pos0 + P.n_q >= P.min_context;
+                        (int64_t) q_pos0 + P.in.n_q >= P.min_context;
     select_control c;
     c.sparse   = sparse ? 1 : 0;
-    c.n_eff    = sparse ? q_pos0 + P.n_q : 0;
+    c.n_eff    = sparse ? q_pos0 + P.in.n_q : 0;
     c.q_pos0   = q_pos0;
     c.failed   = 0;
     c.n_chunks = 0;
@@ -524,9 +518,9 @@ struct keysim_part {
 __device__ __forceinline__ void load_key_vectors(const select_plan & P, const keysim_part & kp, int h, int i0,
                                                  uint4 (&v)[kVecPerThread]) {
     const int     row0 = threadIdx.x / kVecPerRow, lane0 = (threadIdx.x % kVecPerRow) * kVecLanes;
-    const bool    lanes_ok = i0 + lane0 < P.d;  // d % 8 == 0 on this path: a vector is all in or all out
-    const half *  src  = P.k + (int64_t) (kp.raw_lo + row0) * P.k_row + (int64_t) h * P.k_head + i0 + lane0;
-    const int64_t step = (int64_t) kVecRowsPerStep * P.k_row;
+    const bool    lanes_ok = i0 + lane0 < P.in.d;  // d % 8 == 0 on this path: a vector is all in or all out
+    const half *  src  = P.in.k + (int64_t) (kp.raw_lo + row0) * P.in.k_row + (int64_t) h * P.in.k_head + i0 + lane0;
+    const int64_t step = (int64_t) kVecRowsPerStep * P.in.k_row;
 #pragma unroll
     for (int m = 0; m < kVecPerThread; ++m) {
         v[m] = make_uint4(0u, 0u, 0u, 0u);
@@ -557,8 +551,8 @@ __device__ void stage_keys_scalar(const select_plan & P, const keysim_part & kp,
     for (int item = threadIdx.x; item < kp.raw_rows * kLaneSlice; item += kKeysimThreads) {
         const int row = item / kLaneSlice, lane = item % kLaneSlice;
         float     x   = 0.0f;
-        if (i0 + lane < P.d) {
-            x = __half2float(__ldg(P.k + (int64_t) (kp.raw_lo + row) * P.k_row + (int64_t) h * P.k_head + i0 + lane));
+        if (i0 + lane < P.in.d) {
+            x = __half2float(__ldg(P.in.k + (int64_t) (kp.raw_lo + row) * P.in.k_row + (int64_t) h * P.in.k_head + i0 + lane));
         }
         raw_s[row * kRawStride + lane] = x;
     }
@@ -707,7 +701,7 @@ __device__ void keysim_scores_cta(const select_plan & P, const select_control & 
     const int32_t left0  = max(0, t - w);
     const int32_t right1 = (int32_t) min((int64_t) sp.seg1, (int64_t) t + w);
 
-    const int  n_passes   = (P.d + kLaneSlice - 1) / kLaneSlice;  // lane slices of head h
+    const int  n_passes   = (P.in.d + kLaneSlice - 1) / kLaneSlice;  // lane slices of head h
     const bool vectorized = kp.staged && P.keys_vectorized;
 
     uint4 next[kVecPerThread];
@@ -717,7 +711,7 @@ __device__ void keysim_scores_cta(const select_plan & P, const select_control & 
     cosine_sums head;
     for (int pass = 0; pass < n_passes; ++pass) {
         const int i0    = pass * kLaneSlice;
-        const int lanes = min(kLaneSlice, P.d - i0);
+        const int lanes = min(kLaneSlice, P.in.d - i0);
         if (kp.staged) {
             __syncthreads();  // the previous pass is done with raw_s
             if (vectorized) {
@@ -734,15 +728,15 @@ __device__ void keysim_scores_cta(const select_plan & P, const select_control & 
             if (kp.staged) {
                 keysim_pass_staged_any(w, raw_s, left0 - kp.raw_lo, t - left0, t - kp.raw_lo, right1 - t, lanes, head);
             } else {
-                const half * col = P.k + (int64_t) h * P.k_head + i0;
+                const half * col = P.in.k + (int64_t) h * P.in.k_head + i0;
                 for (int i = 0; i < lanes; ++i) {
-                    head.add(window_sum_global(col + i, left0, t, P.k_row), window_sum_global(col + i, t, right1, P.k_row));
+                    head.add(window_sum_global(col + i, left0, t, P.in.k_row), window_sum_global(col + i, t, right1, P.in.k_row));
                 }
             }
         }
     }
     if (scorer) {
-        P.cut_scores[((int64_t) s * P.n_head_kv + h) * kSegment + part * kKeysimPart + x] = head.distance();
+        P.cut_scores[((int64_t) s * P.in.n_head_kv + h) * kSegment + part * kKeysimPart + x] = head.distance();
     }
 }
 
@@ -753,15 +747,15 @@ __device__ void keysim_scores_cta(const select_plan & P, const select_control & 
 
 __device__ void query_block_reprs_cta(const select_plan & P, int cta) {
     const int64_t idx = (int64_t) cta * kKeysimThreads + threadIdx.x;
-    if (idx >= (int64_t) P.n_blocks * P.n_head_kv * P.d) {
+    if (idx >= (int64_t) P.n_blocks * P.in.n_head_kv * P.in.d) {
         return;
     }
-    const int32_t i  = (int32_t) (idx % P.d);
-    const int64_t bg = idx / P.d;
-    const int32_t g = (int32_t) (bg % P.n_head_kv), b = (int32_t) (bg / P.n_head_kv);
+    const int32_t i  = (int32_t) (idx % P.in.d);
+    const int64_t bg = idx / P.in.d;
+    const int32_t g = (int32_t) (bg % P.in.n_head_kv), b = (int32_t) (bg / P.in.n_head_kv);
     const int32_t r0 = b * P.q_block;
-    const int32_t r1 = (int32_t) min((int64_t) P.n_q, (int64_t) r0 + P.q_block);
-    const float * q0 = P.q + (int64_t) r0 * P.q_row + (int64_t) g * P.group * P.q_head + i;
+    const int32_t r1 = (int32_t) min((int64_t) P.in.n_q, (int64_t) r0 + P.q_block);
+    const float * q0 = P.in.q + (int64_t) r0 * P.in.q_row + (int64_t) g * P.group * P.in.q_head + i;
 
     // Terms in the C order, (row, head) advanced incrementally; a batch of loads goes out before its adds
     // (a block is q_block * G terms, 256 by default: 4 round trips to memory).
@@ -776,7 +770,7 @@ __device__ void query_block_reprs_cta(const select_plan & P, int cta) {
         for (int u = 0; u < kBatch; ++u) {
             x[u] = 0.0f;
             if (r < rows) {
-                x[u] = __ldg(q0 + (int64_t) r * P.q_row + (int64_t) hh * P.q_head);
+                x[u] = __ldg(q0 + (int64_t) r * P.in.q_row + (int64_t) hh * P.in.q_head);
                 n    = u + 1;
                 if (++hh == P.group) {
                     hh = 0;
@@ -799,7 +793,7 @@ __device__ void query_block_reprs_cta(const select_plan & P, int cta) {
 // and s < fp_segments means fp_new[s] is this call's), and without it keysim has nothing to do anyway.
 // Saves the position vote of the many CTAs of hit segments (all of them in a warm decode).
 __device__ __forceinline__ bool keysim_cta_skippable(const select_plan & P, int s) {
-    return P.use_cache && s < P.fp_segments && (int64_t) P.sel[0] + P.n_q >= (int64_t) (s + 1) * kSegment &&
+    return P.use_cache && s < P.fp_segments && (int64_t) P.sel[0] + P.in.n_q >= (int64_t) (s + 1) * kSegment &&
            P.cache_valid[s] != 0 && P.cache_fp[s] == P.fp_new[s];
 }
 
@@ -808,7 +802,7 @@ __device__ __forceinline__ bool keysim_cta_skippable(const select_plan & P, int 
 // CTA 0 records which segments are cache hits for the later kernels (the keysim CTAs decide it the same
 // way from the same values).
 __global__ void __launch_bounds__(kKeysimThreads, 4) keysim_and_qb_kernel(const select_plan P) {
-    const int per_seg     = P.keysim_parts * P.n_head_kv;  // (part, head) CTAs of a segment, heads inner
+    const int per_seg     = P.keysim_parts * P.in.n_head_kv;  // (part, head) CTAs of a segment, heads inner
     const int keysim_ctas = P.n_seg * per_seg;
     if (blockIdx.x != 0 && (int) blockIdx.x < keysim_ctas && keysim_cta_skippable(P, (int) blockIdx.x / per_seg)) {
         return;  // uniform over the CTA (CTA 0 always stores the control)
@@ -826,7 +820,7 @@ __global__ void __launch_bounds__(kKeysimThreads, 4) keysim_and_qb_kernel(const 
     }
     if ((int) blockIdx.x < keysim_ctas) {
         const int rest = (int) blockIdx.x % per_seg;
-        keysim_scores_cta(P, ctl, (int) blockIdx.x / per_seg, rest / P.n_head_kv, rest % P.n_head_kv);
+        keysim_scores_cta(P, ctl, (int) blockIdx.x / per_seg, rest / P.in.n_head_kv, rest % P.in.n_head_kv);
     } else if (ctl.sparse) {
         query_block_reprs_cta(P, blockIdx.x - keysim_ctas);
     }
@@ -990,9 +984,9 @@ __global__ void __launch_bounds__(kCutsThreads) segment_cuts_kernel(const select
         unsigned long long key = ~0ull;  // padding sorts last
         if (tid < ks.n_cand) {
             // keysim_score(): score = ((0 + dist_0) + dist_1) + ..., heads in increasing order
-            const float * dist  = P.cut_scores + (int64_t) s * P.n_head_kv * kSegment + tid;
+            const float * dist  = P.cut_scores + (int64_t) s * P.in.n_head_kv * kSegment + tid;
             float         score = 0.0f;
-            for (int h = 0; h < P.n_head_kv; ++h) {
+            for (int h = 0; h < P.in.n_head_kv; ++h) {
                 score = add_f32(score, dist[(int64_t) h * kSegment]);
             }
             key = (unsigned long long) descending_key(score) << 32 | (uint32_t) (ks.t_lo + tid);
@@ -1042,17 +1036,17 @@ __device__ void chunk_pair_sums(const select_plan & P, int pair0, int32_t start,
     for (int u = 0; u < kKcPairsPerLane; ++u) {
         sum[u] = 0.0f;
     }
-    const int n_pairs = P.n_head_kv * P.d;
+    const int n_pairs = P.in.n_head_kv * P.in.d;
     if (P.keys_vectorized) {
         if (pair0 >= n_pairs) {
             return;
         }
-        const half * src = P.k + (int64_t) start * P.k_row + (int64_t) (pair0 / P.d) * P.k_head + pair0 % P.d;
+        const half * src = P.in.k + (int64_t) start * P.in.k_row + (int64_t) (pair0 / P.in.d) * P.in.k_head + pair0 % P.in.d;
         for (int32_t j = start; j < end; j += kKcRowBatch) {
             uint4 v[kKcRowBatch];
 #pragma unroll
             for (int r = 0; r < kKcRowBatch; ++r) {
-                v[r] = j + r < end ? __ldg(reinterpret_cast<const uint4 *>(src + (int64_t) r * P.k_row)) : make_uint4(0u, 0u, 0u, 0u);
+                v[r] = j + r < end ? __ldg(reinterpret_cast<const uint4 *>(src + (int64_t) r * P.in.k_row)) : make_uint4(0u, 0u, 0u, 0u);
             }
 #pragma unroll
             for (int r = 0; r < kKcRowBatch; ++r) {
@@ -1066,14 +1060,14 @@ __device__ void chunk_pair_sums(const select_plan & P, int pair0, int32_t start,
                     }
                 }
             }
-            src += (int64_t) kKcRowBatch * P.k_row;
+            src += (int64_t) kKcRowBatch * P.in.k_row;
         }
     } else {
 #pragma unroll 1
         for (int u = 0; u < kKcPairsPerLane; ++u) {
             const int pair = pair0 + u;
             if (pair < n_pairs) {
-                sum[u] = sequential_key_sum(P.k + (int64_t) (pair / P.d) * P.k_head + pair % P.d, start, end, P.k_row);
+                sum[u] = sequential_key_sum(P.in.k + (int64_t) (pair / P.in.d) * P.in.k_head + pair % P.in.d, start, end, P.in.k_row);
             }
         }
     }
@@ -1102,7 +1096,7 @@ __device__ void chunk_reprs_cta(const select_plan & P, segment_span sp, int s, i
         dst[1] = make_float4(div_f32(sum[4], den), div_f32(sum[5], den), div_f32(sum[6], den), div_f32(sum[7], den));
     }
     __syncthreads();
-    const int n_pairs = P.n_head_kv * P.d;
+    const int n_pairs = P.in.n_head_kv * P.in.d;
     for (int idx = threadIdx.x; idx < kKcPairs * kKcChunks; idx += kKcThreads) {
         const int p = idx / kKcChunks, kk = idx % kKcChunks;
         if (pair_base + p < n_pairs && k0 + kk < count) {
@@ -1151,7 +1145,7 @@ __device__ void place_segment_bounds(const select_plan & P, const select_control
     // the segment's cuts <= pe (cuts are chunk ends).
     for (int b = warp_id(); b < P.n_blocks; b += kKcThreads / 32) {
         const int64_t qe = ((int64_t) b + 1) * P.q_block;
-        const int32_t pe = ctl.q_pos0 + (qe < P.n_q ? (int32_t) qe : P.n_q) - 1;
+        const int32_t pe = ctl.q_pos0 + (qe < P.in.n_q ? (int32_t) qe : P.in.n_q) - 1;
         if (pe < sp.seg0 || pe >= sp.seg1) {
             continue;
         }
@@ -1250,16 +1244,16 @@ __global__ void __launch_bounds__(kScoreThreads) chunk_scores_kernel(const selec
         return;
     }
     const int        bg = blockIdx.x;
-    const int        b  = bg / P.n_head_kv, g = bg % P.n_head_kv;
+    const int        b  = bg / P.in.n_head_kv, g = bg % P.in.n_head_kv;
     const int        c0 = blockIdx.y * kScoreThreads;
     const int        n_cc = P.block_chunks[b];
     const block_plan bp   = plan_block(P, b, ctl.q_pos0);
     if (c0 >= n_cc || bp.dense || bp.need <= 0) {
         return;  // select_ranges_kernel takes no chunk here: no scores needed
     }
-    const int d_padded = (int) ceil_div_dev(P.d, 2 * kScoreBatch) * 2 * kScoreBatch;  // the loop's last batch
+    const int d_padded = (int) ceil_div_dev(P.in.d, 2 * kScoreBatch) * 2 * kScoreBatch;  // the loop's last batch
     for (int i = threadIdx.x; i < d_padded; i += kScoreThreads) {
-        qb_s[i] = i < P.d ? P.qb[(int64_t) bg * P.d + i] : 0.0f;
+        qb_s[i] = i < P.in.d ? P.qb[(int64_t) bg * P.in.d + i] : 0.0f;
     }
     __syncthreads();
     const int c = c0 + threadIdx.x;
@@ -1272,15 +1266,15 @@ __global__ void __launch_bounds__(kScoreThreads) chunk_scores_kernel(const selec
         // Kc of chunk k of segment seg, pairs (g, i) for i = 0 .. d - 1: seg_cap floats apart
         const int32_t slot   = P.chunk_slot[c];
         const int32_t seg    = slot / P.seg_cap, k = slot - seg * P.seg_cap;
-        const float * kc_col = P.kc + ((int64_t) seg * P.n_pairs + (int64_t) g * P.d) * P.seg_cap + k;
+        const float * kc_col = P.kc + ((int64_t) seg * P.n_pairs + (int64_t) g * P.in.d) * P.seg_cap + k;
         float         a[kScoreBatch], b2[kScoreBatch];
         float         acc = 0.0f;
-        load_kc_batch(kc_col, P.seg_cap, 0, P.d, a);
-        for (int i0 = 0; i0 < P.d; i0 += 2 * kScoreBatch) {  // double buffer: load ahead, then add in order
-            load_kc_batch(kc_col, P.seg_cap, i0 + kScoreBatch, P.d, b2);
-            acc = dot_batch(acc, qb_s, i0, P.d, a);
-            load_kc_batch(kc_col, P.seg_cap, i0 + 2 * kScoreBatch, P.d, a);
-            acc = dot_batch(acc, qb_s, i0 + kScoreBatch, P.d, b2);
+        load_kc_batch(kc_col, P.seg_cap, 0, P.in.d, a);
+        for (int i0 = 0; i0 < P.in.d; i0 += 2 * kScoreBatch) {  // double buffer: load ahead, then add in order
+            load_kc_batch(kc_col, P.seg_cap, i0 + kScoreBatch, P.in.d, b2);
+            acc = dot_batch(acc, qb_s, i0, P.in.d, a);
+            load_kc_batch(kc_col, P.seg_cap, i0 + 2 * kScoreBatch, P.in.d, a);
+            acc = dot_batch(acc, qb_s, i0 + kScoreBatch, P.in.d, b2);
         }
         entry = (unsigned long long) descending_key(acc) << 32 | (uint32_t) u;
     }
@@ -1521,9 +1515,9 @@ __global__ void __launch_bounds__(kSelectThreads, 1) select_ranges_kernel(const 
         return;
     }
     const int        bg   = blockIdx.x;
-    const int        b    = bg / P.n_head_kv;
+    const int        b    = bg / P.in.n_head_kv;
     const block_plan bp   = plan_block(P, b, ctl.q_pos0);
-    int32_t *        slot = P.sel + (P.n_q + 1) + (int64_t) bg * P.slot_size;
+    int32_t *        slot = P.sel + (P.in.n_q + 1) + (int64_t) bg * P.slot_size;
     if (bp.dense) {
         if (threadIdx.x == 0) {
             slot[0] = 1;
@@ -1561,19 +1555,19 @@ __global__ void __launch_bounds__(kFinishThreads) finish_kernel(const select_pla
     const select_control ctl = read_control(P);
     const bool           ok  = ctl.sparse && !ctl.failed;
     if (blockIdx.x == 0 && threadIdx.x == 0) {
-        P.sel[P.n_q] = ok ? 1 : 0;
+        P.sel[P.in.n_q] = ok ? 1 : 0;
     }
     const int64_t bg = (int64_t) blockIdx.x * kFinishThreads + threadIdx.x;
-    if (ok || bg >= (int64_t) P.n_blocks * P.n_head_kv) {
+    if (ok || bg >= (int64_t) P.n_blocks * P.in.n_head_kv) {
         return;
     }
-    const int64_t b  = bg / P.n_head_kv;
-    const int64_t r0 = b * P.q_block, r1 = min((int64_t) P.n_q, r0 + P.q_block);
+    const int64_t b  = bg / P.in.n_head_kv;
+    const int64_t r0 = b * P.q_block, r1 = min((int64_t) P.in.n_q, r0 + P.q_block);
     int32_t       pe = -1;
     for (int64_t r = r0; r < r1; ++r) {
         pe = max(pe, P.sel[r]);
     }
-    int32_t * slot = P.sel + (P.n_q + 1) + bg * P.slot_size;
+    int32_t * slot = P.sel + (P.in.n_q + 1) + bg * P.slot_size;
     slot[0]        = pe >= 0 ? 1 : 0;
     slot[1]        = 0;
     slot[2]        = pe + 1;
@@ -1609,13 +1603,13 @@ bool sparse_allowed(const dhsa_cuda_select_args * a) {
     const dhsa_params & p = a->params;
     return p.budget > 0.0 && p.budget < 1.0 && p.q_block >= 1 && p.sink_tokens >= 0 && p.local_tokens >= 0 &&
            (p.boundary == DHSA_BOUNDARY_KEYSIM || p.boundary == DHSA_BOUNDARY_FIXED) && p.chunk_min >= 1 &&
-           p.chunk_min <= p.chunk_max && p.chunk_avg >= 1 && p.window >= 1 && a->n_head % a->n_head_kv == 0 &&
+           p.chunk_min <= p.chunk_max && p.chunk_avg >= 1 && p.window >= 1 && a->in.n_head % a->in.n_head_kv == 0 &&
            a->max_ranges >= 1;
 }
 
 bool args_usable(const dhsa_cuda_select_args * a) {
-    return a != nullptr && a->q != nullptr && a->k != nullptr && a->mask != nullptr && a->sel != nullptr &&
-           a->n_q >= 1 && a->n_kv >= 1 && a->n_head >= 1 && a->n_head_kv >= 1 && a->d >= 1 &&
+    return a != nullptr && a->in.q != nullptr && a->in.k != nullptr && a->in.mask != nullptr && a->sel != nullptr &&
+           a->in.n_q >= 1 && a->in.n_kv >= 1 && a->in.n_head >= 1 && a->in.n_head_kv >= 1 && a->in.d >= 1 &&
            a->params.q_block >= 1 && a->max_ranges >= 1;
 }
 
@@ -1627,37 +1621,37 @@ struct scratch_layout {
 // Fills the host-known sizes of the plan and returns the scratch layout.
 scratch_layout plan_sizes(const dhsa_cuda_select_args * a, select_plan & P) {
     const dhsa_params & p = a->params;
-    P.n_blocks     = (int32_t) ceil_div(a->n_q, p.q_block);
-    P.n_seg        = (int32_t) ceil_div(a->n_kv, kSegment);
+    P.n_blocks     = (int32_t) ceil_div(a->in.n_q, p.q_block);
+    P.n_seg        = (int32_t) ceil_div(a->in.n_kv, kSegment);
     const int32_t shortest = p.chunk_min < p.chunk_avg ? p.chunk_min : p.chunk_avg;
     P.seg_chunks   = kSegment / (shortest > 1 ? shortest : 1) + 3;  // as select_geometry::seg_chunks
     P.seg_cap      = P.seg_chunks < kSegment ? P.seg_chunks : kSegment;  // a segment has <= 512 chunks
-    P.n_pairs      = a->n_head_kv * a->d;
+    P.n_pairs      = a->in.n_head_kv * a->in.d;
     const int64_t n_slots = (int64_t) P.n_seg * P.seg_cap;  // Kc slots of all segments
-    P.chunk_cap    = (int32_t) (a->n_kv < n_slots ? a->n_kv : n_slots);
+    P.chunk_cap    = (int32_t) (a->in.n_kv < n_slots ? a->in.n_kv : n_slots);
     P.bitmap_words = (int32_t) ceil_div(P.chunk_cap, 32);
     // keysim candidates of a segment: [seg0 + chunk_min, seg1 - chunk_min], at most 512 - 2 chunk_min + 1
     const int64_t max_cand = p.chunk_min >= 1 ? (int64_t) kSegment - 2 * (int64_t) p.chunk_min + 1 : 0;
     P.keysim_parts  = p.boundary == DHSA_BOUNDARY_KEYSIM && max_cand > 0 ? (int32_t) ceil_div(max_cand, kKeysimPart) : 0;
-    P.qb_ctas       = (int32_t) ceil_div((int64_t) P.n_blocks * a->n_head_kv * a->d, kKeysimThreads);
+    P.qb_ctas       = (int32_t) ceil_div((int64_t) P.n_blocks * a->in.n_head_kv * a->in.d, kKeysimThreads);
     P.kc_groups     = (int32_t) ceil_div(P.seg_cap, kKcChunks);
-    P.kc_pair_tiles = (int32_t) ceil_div((int64_t) a->n_head_kv * a->d, kKcPairs);
-    P.row_ctas      = (int32_t) ceil_div(a->n_q, kRowsPerCta);
+    P.kc_pair_tiles = (int32_t) ceil_div((int64_t) a->in.n_head_kv * a->in.d, kKcPairs);
+    P.row_ctas      = (int32_t) ceil_div(a->in.n_q, kRowsPerCta);
 
     // With a cache the per-segment results (cuts, Kc) live in its entries, and the scratch holds the
     // fingerprints and hit flags of this call instead.
     const bool    cached = a->cache != nullptr;
-    const int64_t bg     = (int64_t) P.n_blocks * a->n_head_kv;
+    const int64_t bg     = (int64_t) P.n_blocks * a->in.n_head_kv;
     scratch_layout L;
     offset_taker   take;
     L.ctrl       = take(sizeof(select_control));
     L.fp_new     = take(cached ? sizeof(unsigned long long) * (size_t) P.n_seg : 0);
     L.seg_hit    = take(cached ? sizeof(int32_t) * (size_t) P.n_seg : 0);
-    L.cut_scores = take(P.keysim_parts > 0 ? sizeof(float) * (size_t) P.n_seg * a->n_head_kv * kSegment : 0);
+    L.cut_scores = take(P.keysim_parts > 0 ? sizeof(float) * (size_t) P.n_seg * a->in.n_head_kv * kSegment : 0);
     L.bounds     = take(sizeof(int32_t) * ((size_t) P.chunk_cap + 1));
     L.chunk_slot = take(sizeof(int32_t) * (size_t) P.chunk_cap);
     L.block_chunks = take(sizeof(int32_t) * (size_t) P.n_blocks);
-    L.qb         = take(sizeof(float) * (size_t) bg * a->d);
+    L.qb         = take(sizeof(float) * (size_t) bg * a->in.d);
     L.rank       = take(sizeof(unsigned long long) * (size_t) bg * P.chunk_cap);
     L.seg_cuts   = take(cached ? 0 : sizeof(int32_t) * (size_t) P.n_seg * (1 + kSegment));
     L.kc         = take(cached ? 0 : sizeof(float) * (size_t) n_slots * P.n_pairs);
@@ -1811,20 +1805,8 @@ cudaError_t dhsa_cuda_select(const struct dhsa_cuda_select_args * a, cudaStream_
     }
     const dhsa_params & p = a->params;
     select_plan         P{};
-    P.q = a->q;
-    P.q_row = a->q_row;
-    P.q_head = a->q_head;
-    P.k = a->k;
-    P.k_row = a->k_row;
-    P.k_head = a->k_head;
-    P.mask = a->mask;
-    P.mask_row = a->mask_row;
-    P.n_q = a->n_q;
-    P.n_kv = a->n_kv;
-    P.n_head = a->n_head;
-    P.n_head_kv = a->n_head_kv;
-    P.d = a->d;
-    P.group = a->n_head / a->n_head_kv;
+    P.in = a->in;
+    P.group = a->in.n_head / a->in.n_head_kv;
     P.budget = p.budget;
     P.boundary = p.boundary;
     P.chunk_min = p.chunk_min;
@@ -1839,7 +1821,7 @@ cudaError_t dhsa_cuda_select(const struct dhsa_cuda_select_args * a, cudaStream_
     P.max_ranges = a->max_ranges;
     P.slot_size = 1 + 2 * a->max_ranges;
     P.sparse_allowed = sparse_allowed(a) ? 1 : 0;
-    P.keys_vectorized = (uintptr_t) a->k % 16 == 0 && a->k_row % 8 == 0 && a->k_head % 8 == 0 && a->d % 8 == 0;
+    P.keys_vectorized = (uintptr_t) a->in.k % 16 == 0 && a->in.k_row % 8 == 0 && a->in.k_head % 8 == 0 && a->in.d % 8 == 0;
     P.sel = a->sel;
 
     const scratch_layout L    = plan_sizes(a, P);
@@ -1868,18 +1850,18 @@ cudaError_t dhsa_cuda_select(const struct dhsa_cuda_select_args * a, cudaStream_
         P.cache_valid = (int32_t *) (mem + C.valid);
         P.seg_cuts    = (int32_t *) (mem + C.cuts);
         P.kc          = (float *) (mem + C.kc);
-        P.fp_segments = P.n_kv / kSegment;  // the complete segments of n_kv (those of n_eff are among them)
+        P.fp_segments = P.in.n_kv / kSegment;  // the complete segments of n_kv (those of n_eff are among them)
     }
 
-    const unsigned n_bg = (unsigned) ((int64_t) P.n_blocks * P.n_head_kv);
+    const unsigned n_bg = (unsigned) ((int64_t) P.n_blocks * P.in.n_head_kv);
 
     row_positions_kernel<<<(unsigned) (P.row_ctas + P.fp_segments), kRowsPerCta * 32, 0, stream>>>(P);
     if (P.sparse_allowed) {
-        const int64_t keysim_ctas = (int64_t) P.n_seg * P.keysim_parts * P.n_head_kv;
+        const int64_t keysim_ctas = (int64_t) P.n_seg * P.keysim_parts * P.in.n_head_kv;
         keysim_and_qb_kernel<<<(unsigned) (keysim_ctas + P.qb_ctas), kKeysimThreads, 0, stream>>>(P);
         segment_cuts_kernel<<<(unsigned) P.n_seg, kCutsThreads, 0, stream>>>(P);
         kc_and_bounds_kernel<<<(unsigned) (P.n_seg * P.kc_groups * P.kc_pair_tiles), kKcThreads, 0, stream>>>(P);
-        const size_t qb_bytes = sizeof(float) * (size_t) (ceil_div(P.d, 2 * kScoreBatch) * 2 * kScoreBatch);
+        const size_t qb_bytes = sizeof(float) * (size_t) (ceil_div(P.in.d, 2 * kScoreBatch) * 2 * kScoreBatch);
         if (qb_bytes > 48 * 1024) {
             const cudaError_t st = cudaFuncSetAttribute(chunk_scores_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                         (int) qb_bytes);

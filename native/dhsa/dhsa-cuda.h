@@ -18,7 +18,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-struct dhsa_cuda_select_args {
+// The tensors both ops read, as llama.cpp's graph hands them to flash attention (strides in elements).
+struct dhsa_cuda_views {
     // q [n_q rows][n_head][d] f32; element (i, h, r) at q[r * q_row + h * q_head + i]
     const float * q;
     int64_t q_row, q_head;
@@ -29,9 +30,13 @@ struct dhsa_cuda_select_args {
     const half * mask;
     int64_t mask_row;
     int32_t n_q, n_kv, n_head, n_head_kv, d;
+};
+
+struct dhsa_cuda_select_args {
+    struct dhsa_cuda_views in;
     dhsa_params params;   // budget, boundary, chunk sizes, window, q_block, sink/local, dense_from
     int32_t min_context;  // fewer keys (q_pos0 + n_q) than this: dense ranges, as the CPU op
-    int32_t max_ranges;   // ggml_dhsa_max_ranges(n_kv, rt)
+    int32_t max_ranges;   // ggml_dhsa_max_ranges(n_kv, chunk_min, chunk_avg)
     int32_t * sel;        // output: the selection tensor (device memory)
     void * scratch;       // device scratch of dhsa_cuda_select_scratch_size() bytes
     // Per-layer cache of complete segments' cuts and chunk representations, kept between calls and
@@ -48,18 +53,12 @@ size_t dhsa_cuda_select_scratch_size(const struct dhsa_cuda_select_args * a);
 cudaError_t dhsa_cuda_select(const struct dhsa_cuda_select_args * a, cudaStream_t stream);
 
 struct dhsa_cuda_attn_args {
-    const float * q;  // as in dhsa_cuda_select_args
-    int64_t q_row, q_head;
-    const half * k;
-    int64_t k_row, k_head;
+    struct dhsa_cuda_views in;
     const half * v;   // v [n_kv][n_head_kv][d] f16, element (i, h, j) at v[j * v_row + h * v_head + i]
     int64_t v_row, v_head;
-    const half * mask;
-    int64_t mask_row;
     const int32_t * sel;  // the selection tensor written by dhsa_cuda_select (or the CPU op)
     int32_t max_ranges, q_block;
     float * dst;          // [n_q][n_head][d] f32, contiguous (flash_attn_ext's output layout)
-    int32_t n_q, n_kv, n_head, n_head_kv, d;
     float scale, softcap; // s = scale * q.k; softcap > 0: s = softcap * tanh(s / softcap); then + mask
     void * scratch;       // device scratch of dhsa_cuda_attn_scratch_size() bytes (partial results when the
                           // key walk of few-row blocks, e.g. decode, is split across CTAs)
