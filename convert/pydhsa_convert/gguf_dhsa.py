@@ -27,8 +27,9 @@ import errno
 import os
 import struct
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence, TextIO
+from typing import Any, Iterator, Mapping, Sequence, TextIO
 
 from pydhsa.gguf_layout import (
     DEFAULT_ALIGNMENT, GgufInputError, GgufLayout, MappedInput, TensorInfo, align, parse_layout, read_layout,
@@ -71,7 +72,7 @@ class ConvertIOError(ConvertError):
 
 
 # --------------------------------------------------------------------------------------------
-# Layout of an input file
+# Shared by both converters: the atomic output, the given DHSA values
 # --------------------------------------------------------------------------------------------
 
 def output_temp(dst: str) -> tuple[int, str]:
@@ -102,6 +103,46 @@ def fsync_directory(d: str | os.PathLike[str]) -> None:
     except OSError:
         pass
 
+
+@contextmanager
+def atomic_output(dst: str, prog: _Progress) -> Iterator[tuple[int, str]]:
+    """Write a converter's output atomically: yields (fd, path) of a temporary file beside `dst` for the body to
+    write in full (and fsync); when the body returns, the file is renamed over `dst` and the rename made durable.
+    On any error `dst` is untouched, the temporary file removed and `prog`'s line ended; an OSError becomes
+    ConvertIOError (a full disk named as such). The body closes `fd` (or writes through it)."""
+    fd, tmp = output_temp(dst)
+    ok = False
+    try:
+        try:
+            yield fd, tmp
+            os.replace(tmp, dst)
+            ok = True
+        except ConvertError:
+            raise
+        except OSError as e:
+            raise write_error(dst, e) from e
+    finally:
+        if not ok:
+            prog.abort()
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    fsync_directory(os.path.dirname(os.path.abspath(dst)))
+
+
+def given_dhsa_values(set_values: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The DHSA values a caller gave ({name: value}), every name checked (ConvertError for an unknown one)."""
+    given = dict(set_values or {})
+    for name in given:
+        if name not in PARAMS_BY_NAME:
+            raise ConvertError(f"unknown DHSA parameter {name!r}")
+    return given
+
+
+# --------------------------------------------------------------------------------------------
+# Layout of an input file
+# --------------------------------------------------------------------------------------------
 
 def inspect_gguf(path: str | os.PathLike[str]) -> GgufLayout:
     """Parse the header, KV section and tensor infos of a GGUF file (fast, read-only).
@@ -237,10 +278,7 @@ def convert_gguf(
     dst = os.fspath(dst)
     stream = progress_stream if progress_stream is not None else sys.stderr
     _check_paths(src, dst)
-    given = dict(set_values or {})
-    for name in given:
-        if name not in PARAMS_BY_NAME:
-            raise ConvertError(f"unknown DHSA parameter {name!r}")
+    given = given_dhsa_values(set_values)
 
     try:
         inp = MappedInput(src)
@@ -352,36 +390,16 @@ def _copy_region(out, mm, start: int, size: int, prog: _Progress) -> None:
 
 def _write_atomically(dst: str, meta: bytes, mm, data_start: int, data_size: int,
                       prog: _Progress) -> None:
-    d = os.path.dirname(os.path.abspath(dst))
-    fd, tmp = output_temp(dst)
-    ok = False
-    try:
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(meta)
-                _copy_region(out, mm, data_start, data_size, prog)
-                out.flush()
-                os.fsync(out.fileno())
-            expect = len(meta) + data_size
-            got = os.path.getsize(tmp)
-            if got != expect:
-                raise ConvertIOError(f"short write to {tmp}: {got} of {expect} bytes")
-            os.replace(tmp, dst)
-            ok = True
-        except ConvertError:
-            raise
-        except OSError as e:
-            raise write_error(dst, e) from e
-        fsync_directory(d)
-    finally:
-        if not ok:
-            prog.abort()
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            except OSError:
-                pass
+    with atomic_output(dst, prog) as (fd, tmp):
+        with os.fdopen(fd, "wb") as out:
+            out.write(meta)
+            _copy_region(out, mm, data_start, data_size, prog)
+            out.flush()
+            os.fsync(out.fileno())
+        expect = len(meta) + data_size
+        got = os.path.getsize(tmp)
+        if got != expect:
+            raise ConvertIOError(f"short write to {tmp}: {got} of {expect} bytes")
 
 
 # --------------------------------------------------------------------------------------------
