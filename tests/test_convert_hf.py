@@ -1,4 +1,4 @@
-"""Hugging Face Gemma 2 / Gemma 3 checkpoint -> GGUF (convert/pydhsa_convert/hf_gemma.py), checked against transformers.
+"""Hugging Face Gemma 2 / Gemma 3 checkpoint -> GGUF (convert/pydhsa_convert/hf_*.py), checked against transformers.
 
 Everything is built here: a SentencePiece tokenizer trained on a few KB of generated text (Gemma's
 special tokens <pad>, <eos>, <bos>, <unk> at ids 0..3), and tiny random-weight Gemma2ForCausalLM /
@@ -26,6 +26,7 @@ import os
 import random
 import re
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -35,7 +36,10 @@ import sentencepiece as spm
 import gguf
 
 from pydhsa_convert import gguf_dhsa
+from pydhsa_convert import hf_checkpoint
 from pydhsa_convert import hf_gemma
+from pydhsa_convert import hf_tensors
+from pydhsa_convert import hf_tokenizer
 from pydhsa_convert.gguf_dhsa import ConvertError, ConvertIOError
 from pydhsa_convert.hf_gemma import convert_hf, read_hf_config
 from pydhsa.dhsa_params import PARAM_NAMES, read_gguf_dhsa
@@ -331,13 +335,19 @@ def test_metadata(checkpoints, converted):
     assert "gemma3.final_logit_softcapping" not in g3 and "gemma3.attn_logit_softcapping" not in g3
 
 
-def _expected_tensors(arch, ck_dir):
-    """GGUF name -> float32 values the converter must store (before the outtype's rounding)."""
-    from safetensors.numpy import load_file
+def _load_weights(ck_dir):
+    """{HF name: tensor} of every safetensors file in ck_dir (torch: safetensors' numpy has no bfloat16)."""
+    from safetensors.torch import load_file
     hf = {}
     for f in sorted(os.listdir(ck_dir)):
         if f.endswith(".safetensors"):
             hf.update(load_file(str(ck_dir / f)))
+    return hf
+
+
+def _expected_tensors(arch, ck_dir):
+    """GGUF name -> float32 values the converter must store (before the outtype's rounding)."""
+    hf = {k: v.float().numpy() for k, v in _load_weights(ck_dir).items()}
     fold = (24 ** -0.5) / (16 ** -0.5)   # HF query scale / llama.cpp's 1/sqrt(head_dim)
     names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
@@ -402,14 +412,103 @@ def test_tensor_data(checkpoints, converted, arch):
 @pytest.mark.parametrize("outtype", ["bf16", "q8_0"])
 def test_streamed_in_row_blocks(checkpoints, converted, tmp_path, monkeypatch, outtype):
     """Tensors are read, converted and written in blocks of rows; tiny blocks give the same file."""
-    monkeypatch.setattr(hf_gemma, "CHUNK_BYTES", 1000)  # 3 rows of 64 floats at a time
+    monkeypatch.setattr(hf_checkpoint, "CHUNK_BYTES", 1000)  # 3 rows of 64 floats at a time
     seen = []
-    real = hf_gemma._encode
-    monkeypatch.setattr(hf_gemma, "_encode", lambda item, data: seen.append(len(data)) or real(item, data))
+    real = hf_gemma.encode
+    monkeypatch.setattr(hf_gemma, "encode", lambda item, data: seen.append(len(data)) or real(item, data))
     dst = tmp_path / "o.gguf"
     convert_hf(checkpoints["gemma2"]["dir"], dst, outtype=outtype)
     assert max(seen) == 64 and seen.count(3) > 100   # 64-element norms in one block; 3-row blocks
     assert dst.read_bytes() == converted("gemma2", outtype).read_bytes()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_checkpoint_dtypes(checkpoints, tmp_path, monkeypatch, dtype):
+    """A bf16 checkpoint (Gemma's published dtype: read by our own few lines, see hf_checkpoint) and an f16
+    one (read by the safetensors library) convert to f32 with their exact values, also in 3-row blocks."""
+    from safetensors.torch import save_file
+    d = _copy(checkpoints, "gemma3", tmp_path)
+    weights = {k: v.to(getattr(torch, dtype)) for k, v in _load_weights(d).items()}
+    save_file(weights, str(d / "model.safetensors"), metadata={"format": "pt"})
+    expected = _expected_tensors("gemma3", d)
+    dst = tmp_path / "o.gguf"
+    convert_hf(d, dst, outtype="f32")
+    r = gguf.GGUFReader(str(dst))
+    assert sorted(t.name for t in r.tensors) == sorted(expected)
+    for t in r.tensors:
+        assert np.array_equal(np.asarray(t.data).reshape(expected[t.name].shape), expected[t.name]), t.name
+    monkeypatch.setattr(hf_checkpoint, "CHUNK_BYTES", 1000)
+    convert_hf(d, tmp_path / "blocks.gguf", outtype="f32")
+    assert (tmp_path / "blocks.gguf").read_bytes() == dst.read_bytes()
+
+
+def test_encoded_bytes_match_references():
+    """bf16 bytes are torch's (round to nearest even, ties included); q8_0 bytes are ggml's reference
+    quantize_row_q8_0 (d = amax/127 stored as f16, q = roundf(x * (1/d)), halves away from zero), written
+    out here in numpy; f16 is numpy's float16."""
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((16, 64)) * rng.choice([1e-3, 1.0, 30.0], (16, 1))).astype(np.float32)
+    x[0] = ((np.arange(64, dtype=np.uint32) << 16) + np.uint32(0x3F808000)).view(np.float32)  # bf16 ties
+    x[1, :32] = 0.0                                                    # an all-zero q8_0 block
+    x[2, :32] = [127.0, -127.0] + [(k // 2 + 0.5) * (-1) ** k for k in range(30)]  # d = 1: q8_0 ties
+    T = gguf.GGMLQuantizationType
+
+    def enc(t):
+        return hf_tensors.encode(hf_tensors.PlanItem("t", None, x.shape, ggml_type=t), x)
+    bits = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(enc(T.BF16).view(np.uint16), bits)
+    assert np.array_equal(enc(T.F16).view(np.uint16), x.astype(np.float16).view(np.uint16))
+    blocks = x.reshape(-1, 32)
+    d = np.abs(blocks).max(axis=1, keepdims=True) / np.float32(127)
+    inv = np.where(d == 0, np.float32(0), np.float32(1) / np.where(d == 0, np.float32(1), d))
+    v = (blocks * inv).astype(np.float64)                              # x * id in float32, as ggml
+    q = (np.sign(v) * np.floor(np.abs(v) + 0.5)).astype(np.int8)       # roundf
+    want = np.concatenate([d.astype(np.float16).view(np.uint8), q.view(np.uint8)], axis=1)
+    assert np.array_equal(enc(T.Q8_0).reshape(-1, 34), want)
+    assert list(q[4, :6]) == [127, -127, 1, -1, 2, -2]   # x[2]: blocks 4 and 5
+
+
+def test_vocab_is_what_sentencepiece_reports(checkpoints):
+    """tokenizer.model read through sentencepiece's model schema gives the pieces, scores and types that
+    SentencePieceProcessor reports, and the normalizer flags the tokenizer was trained with."""
+    path = str(checkpoints["gemma3"]["dir"] / "tokenizer.model")
+    v = hf_tokenizer.read_sentencepiece(path)
+    sp = spm.SentencePieceProcessor(model_file=path)
+    n = sp.get_piece_size()
+    assert v.tokens == [sp.id_to_piece(i) for i in range(n)]
+    assert v.scores == [sp.get_score(i) for i in range(n)]
+    tt = hf_tokenizer
+    for i, t in enumerate(v.types):
+        assert (t == tt.TT_CONTROL, t == tt.TT_UNKNOWN, t == tt.TT_BYTE, t == tt.TT_UNUSED) == \
+            (sp.is_control(i), sp.is_unknown(i), sp.is_byte(i), sp.is_unused(i)), i
+    assert v.types.count(tt.TT_USER_DEFINED) == 3   # <mask>, <start_of_turn>, <end_of_turn>
+    assert (v.add_space_prefix, v.remove_extra_whitespaces) == (False, False)
+
+
+@pytest.mark.parametrize("module, package", [("safetensors", "safetensors"),
+                                             ("sentencepiece.sentencepiece_model_pb2", "sentencepiece"),
+                                             ("google.protobuf.message", "protobuf")])
+def test_missing_library_is_one_line(checkpoints, tmp_path, capsys, monkeypatch, module, package):
+    """Without a library of the convert extra: one error line naming it and the install command, exit 2."""
+    monkeypatch.setitem(sys.modules, module, None)  # import raises ModuleNotFoundError
+    dst = tmp_path / "o.gguf"
+    with pytest.raises(hf_gemma.MissingLibraryError):
+        convert_hf(checkpoints["gemma3"]["dir"], dst)
+    rc, out, err = run_pydhsa(capsys, "convert", checkpoints["gemma3"]["dir"], dst)
+    line = one_error(err)
+    assert rc == 2 and out == "" and f"needs the '{package}' package" in line
+    assert line.endswith('pip install "pydhsa[convert]"')
+    assert os.listdir(tmp_path) == []
+
+
+def test_library_that_does_not_import_is_one_line(tmp_path, monkeypatch):
+    """A library that fails on import (protobuf's VersionError when sentencepiece's schema was generated for a
+    newer protobuf) gives a MissingLibraryError naming it, not a traceback."""
+    (tmp_path / "broken_schema_pb2.py").write_text("raise RuntimeError('gencode 7.36.1 needs runtime >= 7.36.1')")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(hf_gemma.MissingLibraryError, match=r"cannot import broken_schema_pb2 \(RuntimeError: "
+                                                            r"gencode 7\.36\.1.*pip install --upgrade"):
+        hf_checkpoint.require("broken_schema_pb2")
 
 
 def test_untied_output_projection(checkpoints, tmp_path):
@@ -565,10 +664,13 @@ def test_error_missing_files(checkpoints, tmp_path, capsys):
     (d3b / "tokenizer.model").unlink()
     (d3b / "tokenizer.json").unlink()
     _assert_fails(capsys, tmp_path, d3b, tmp_path / "o.gguf", "no tokenizer")
+    d3d = _copy(checkpoints, "gemma3", tmp_path / "d")
+    (d3d / "tokenizer.model").write_bytes(b"\xff\xff\xff not a model")
+    _assert_fails(capsys, tmp_path, d3d, tmp_path / "o.gguf", "not a SentencePiece model")
     d3c = _copy(checkpoints, "gemma3", tmp_path / "c")
     with open(d3c / "model.safetensors", "r+b") as f:  # a download cut short
         f.truncate(os.path.getsize(d3c / "model.safetensors") - 100)
-    _assert_fails(capsys, tmp_path, d3c, tmp_path / "o.gguf", "lies outside the file")
+    _assert_fails(capsys, tmp_path, d3c, tmp_path / "o.gguf", "not a valid safetensors file, truncated or corrupt")
     with pytest.raises(hf_gemma.CheckpointFileError, match="input directory not found"):
         convert_hf(tmp_path / "nope", tmp_path / "o.gguf")
     rc, _, err = run_pydhsa(capsys, "convert", tmp_path / "nope", tmp_path / "o.gguf")
@@ -623,7 +725,7 @@ def test_failure_while_writing_leaves_nothing(checkpoints, tmp_path, capsys, mon
     src = checkpoints["gemma2"]["dir"]
     dst = tmp_path / "o.gguf"
     dst.write_bytes(b"previous output")  # must survive a failed conversion untouched
-    real = hf_gemma._encode
+    real = hf_gemma.encode
     calls = []
 
     def full(item, data):
@@ -631,7 +733,7 @@ def test_failure_while_writing_leaves_nothing(checkpoints, tmp_path, capsys, mon
         if len(calls) == 10:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(item, data)
-    monkeypatch.setattr(hf_gemma, "_encode", full)
+    monkeypatch.setattr(hf_gemma, "encode", full)
     with pytest.raises(ConvertIOError, match="disk full"):
         convert_hf(src, dst)
     calls.clear()
