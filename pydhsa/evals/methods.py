@@ -3,7 +3,7 @@ needle depths and DHSA parameter overrides, parsed into values with one clear er
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 DEFAULT_METHODS = "dense,dhsa:0.1,dhsa:0.2,dhsa:0.3,dhsa:0.5,fixed:0.1,fixed:0.2,fixed:0.3,fixed:0.5"
 DEFAULT_LENGTHS = (2048, 4096, 8192, 16384, 24576, 32768)
@@ -93,50 +93,46 @@ def parse_methods(spec: Union[str, Sequence[str]]) -> List[Method]:
     return out
 
 
+def _parse_sorted(spec, parse_item: Callable[[str], Any], what: str) -> list:
+    """Comma-separated items (or a sequence) -> sorted unique values of ``parse_item`` (which raises
+    ValueError naming the item); empty items are skipped, no items at all is an error."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out = {parse_item(text) for text in (str(raw).strip() for raw in items) if text}
+    if not out:
+        raise ValueError(f"no {what} given")
+    return sorted(out)
+
+
+def _length(text: str) -> int:
+    number, mult = (text[:-1], 1024) if text.lower().endswith("k") else (text, 1)
+    try:
+        value = int(float(number) * mult)
+    except ValueError:
+        raise ValueError(f"bad length {text!r} (use tokens, e.g. 2048 or 2k)") from None
+    if value < 64:
+        raise ValueError(f"length {value} is too small (>= 64 tokens)")
+    return value
+
+
+def _depth(text: str) -> float:
+    number, scale = (text[:-1], 0.01) if text.endswith("%") else (text, 1.0)
+    try:
+        value = round(float(number) * scale, 6)
+    except ValueError:
+        raise ValueError(f"bad depth {text!r} (a fraction 0..1 or a percentage)") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"depth {text} is outside 0..1")
+    return value
+
+
 def parse_lengths(spec: Union[str, Sequence[int]]) -> List[int]:
     """``"2048,4k,32K"`` -> [2048, 4096, 32768] (k = 1024), sorted, unique."""
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    out = set()
-    for raw in items:
-        text = str(raw).strip().lower()
-        if not text:
-            continue
-        mult = 1
-        if text.endswith("k"):
-            mult, text = 1024, text[:-1]
-        try:
-            value = int(float(text) * mult)
-        except ValueError:
-            raise ValueError(f"bad length {str(raw).strip()!r} (use tokens, e.g. 2048 or 2k)") from None
-        if value < 64:
-            raise ValueError(f"length {value} is too small (>= 64 tokens)")
-        out.add(value)
-    if not out:
-        raise ValueError("no lengths given")
-    return sorted(out)
+    return _parse_sorted(spec, _length, "lengths")
 
 
 def parse_depths(spec: Union[str, Sequence[float]]) -> List[float]:
     """``"0,0.1,0.5"`` or ``"0%,50%,100%"`` -> sorted unique depths in [0, 1]."""
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    out = set()
-    for raw in items:
-        text = str(raw).strip()
-        if not text:
-            continue
-        scale = 1.0
-        if text.endswith("%"):
-            scale, text = 0.01, text[:-1]
-        try:
-            value = round(float(text) * scale, 6)
-        except ValueError:
-            raise ValueError(f"bad depth {str(raw).strip()!r} (a fraction 0..1 or a percentage)") from None
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"depth {str(raw).strip()} is outside 0..1")
-        out.add(value)
-    if not out:
-        raise ValueError("no depths given")
-    return sorted(out)
+    return _parse_sorted(spec, _depth, "depths")
 
 
 def parse_overrides(min_context: Optional[int] = None, opts: Sequence[str] = ()) -> Dict[str, Any]:

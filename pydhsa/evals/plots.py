@@ -65,6 +65,24 @@ def _draw_grid(ax, summary, method, ylabels, ylabel, annotate=False):
     return im
 
 
+def _save(plt, fig, path: Path, title: str, small: bool = False) -> Path:
+    """Title, lay out, write and close a figure; a single method's grid is written smaller and sharper."""
+    if title:
+        fig.suptitle(title, fontsize=9 if small else 10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120 if small else 110)
+    plt.close(fig)
+    return path
+
+
+def _method_grid_png(plt, summary, method, ylabels, ylabel, annotate, bar_label, size, title, path: Path) -> Path:
+    """One method's grid as its own PNG; ``size`` = (width without the length columns, height) in inches."""
+    fig, ax = plt.subplots(figsize=(size[0] + 0.9 * max(len(summary["lengths"]), 2), size[1]))
+    im = _draw_grid(ax, summary, method, ylabels, ylabel, annotate=annotate)
+    fig.colorbar(im, ax=ax, fraction=0.05, pad=0.03, label=bar_label)
+    return _save(plt, fig, path, title, small=True)
+
+
 def plot_niah_heatmaps(summary: Dict[str, Any], out_dir: Union[str, Path], title: str = "") -> List[Path]:
     """One PNG per method (depth x length, green = found, red = missed, grey = not run) and one with all
     methods side by side. Returns the files written."""
@@ -76,16 +94,8 @@ def plot_niah_heatmaps(summary: Dict[str, Any], out_dir: Union[str, Path], title
     # cells holding several needles show their fraction as a number
     multi = any(0.0 < x < 1.0 for g in summary["grid"].values() for row in g.values() for x in row.values())
     for m in summary["methods"]:
-        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * max(len(summary["lengths"]), 2), 1.5 + 0.35 * len(depths)))
-        im = _draw_grid(ax, summary, m, ylabels, "Needle depth", annotate=multi)
-        fig.colorbar(im, ax=ax, fraction=0.05, pad=0.03, label="fraction retrieved")
-        if title:
-            fig.suptitle(title, fontsize=9)
-        fig.tight_layout()
-        path = out_dir / f"heatmap-{_safe(m)}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        files.append(path)
+        files.append(_method_grid_png(plt, summary, m, ylabels, "Needle depth", multi, "fraction retrieved",
+                                      (1.2, 1.5 + 0.35 * len(depths)), title, out_dir / f"heatmap-{_safe(m)}.png"))
     n = len(summary["methods"])
     if n:
         cols = min(n, 3)
@@ -97,13 +107,7 @@ def plot_niah_heatmaps(summary: Dict[str, Any], out_dir: Union[str, Path], title
             _draw_grid(axes[i // cols][i % cols], summary, m, ylabels, "Needle depth", annotate=multi)
         for j in range(n, rows * cols):
             axes[j // cols][j % cols].axis("off")
-        if title:
-            fig.suptitle(title, fontsize=10)
-        fig.tight_layout()
-        path = out_dir / "heatmaps.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files.append(path)
+        files.append(_save(plt, fig, out_dir / "heatmaps.png", title))
     return files
 
 
@@ -115,16 +119,8 @@ def plot_ruler(summary: Dict[str, Any], out_dir: Union[str, Path], title: str = 
     tasks = summary["rows"]["values"]
     files = []
     for m in summary["methods"]:
-        fig, ax = plt.subplots(figsize=(1.6 + 0.9 * max(len(summary["lengths"]), 2), 1.4 + 0.45 * len(tasks)))
-        im = _draw_grid(ax, summary, m, [str(t) for t in tasks], "Task", annotate=True)
-        fig.colorbar(im, ax=ax, fraction=0.05, pad=0.03, label="accuracy")
-        if title:
-            fig.suptitle(title, fontsize=9)
-        fig.tight_layout()
-        path = out_dir / f"ruler-{_safe(m)}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        files.append(path)
+        files.append(_method_grid_png(plt, summary, m, [str(t) for t in tasks], "Task", True, "accuracy",
+                                      (1.6, 1.4 + 0.45 * len(tasks)), title, out_dir / f"ruler-{_safe(m)}.png"))
     if tasks:
         # top row: exact accuracy (every expected value produced); bottom row: mean recall (partial credit)
         fig, axes = plt.subplots(2, len(tasks), squeeze=False, figsize=(4.2 * len(tasks), 6.6), sharey=True)
@@ -146,13 +142,7 @@ def plot_ruler(summary: Dict[str, Any], out_dir: Union[str, Path], title: str = 
                 ax.grid(alpha=0.3)
             axes[k][0].set_ylabel(ylabel)
         axes[0][-1].legend(fontsize=7, loc="best")
-        if title:
-            fig.suptitle(title, fontsize=10)
-        fig.tight_layout()
-        path = out_dir / "ruler-accuracy.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files.append(path)
+        files.append(_save(plt, fig, out_dir / "ruler-accuracy.png", title))
     return files
 
 
@@ -185,10 +175,4 @@ def plot_speed(rows: List[Dict[str, Any]], path: Union[str, Path], title: str = 
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, Path(path), title)

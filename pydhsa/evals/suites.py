@@ -18,7 +18,7 @@ from .store import ResultStore
 from .summary import summary_markdown, write_json, write_summary
 
 
-def repo_root() -> Optional[Path]:
+def _repo_root() -> Optional[Path]:
     root = Path(__file__).resolve().parent.parent.parent
     return root if (root / "pyproject.toml").exists() and (root / "bench").is_dir() else None
 
@@ -26,7 +26,7 @@ def repo_root() -> Optional[Path]:
 def default_out_dir(suite: str, model_path: Union[str, Path]) -> Path:
     """bench/results/<suite>-<model file stem>/ under the repository (source checkout) or the working
     directory (installed package)."""
-    base = repo_root() or Path.cwd()
+    base = _repo_root() or Path.cwd()
     return base / "bench" / "results" / f"{suite}-{Path(model_path).stem}"
 
 

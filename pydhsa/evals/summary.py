@@ -109,19 +109,14 @@ def summary_markdown(summary: Dict[str, Any], title: str, meta: Optional[Dict[st
             else:
                 cells.append("-")
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {pct(summary['overall'][m])} |")
-    if "grid" in summary and summary["rows"]["field"] == "task":
-        lines += ["", "## Accuracy (%) per task, method and context length", "",
+    task_tables = (("grid", "Accuracy (%) per task, method and context length"),
+                   ("recall_grid", "Mean recall (%) of the expected values (partial credit) per task"))
+    for key, heading in task_tables if "grid" in summary and summary["rows"]["field"] == "task" else ():
+        lines += ["", f"## {heading}", "",
                   "| task | method | " + " | ".join(lengths) + " |", "|---" * (len(lengths) + 2) + "|"]
         for v in summary["rows"]["values"]:
             for m in summary["methods"]:
-                row = summary["grid"][m].get(str(v), {})
-                lines.append(f"| {v} | {m} | " + " | ".join(pct(row.get(L)) for L in lengths) + " |")
-    if "grid" in summary and summary["rows"]["field"] == "task":
-        lines += ["", "## Mean recall (%) of the expected values (partial credit) per task", "",
-                  "| task | method | " + " | ".join(lengths) + " |", "|---" * (len(lengths) + 2) + "|"]
-        for v in summary["rows"]["values"]:
-            for m in summary["methods"]:
-                row = summary["recall_grid"][m].get(str(v), {})
+                row = summary[key][m].get(str(v), {})
                 lines.append(f"| {v} | {m} | " + " | ".join(pct(row.get(L)) for L in lengths) + " |")
     lines += ["", "## Median prefill speed (tok/s)", "", "| method | " + " | ".join(lengths) + " |",
               "|---" * (len(lengths) + 1) + "|"]
