@@ -44,6 +44,13 @@ def gpu_count() -> int:
     return int(_native.load().pydhsa_gpu_count())
 
 
+def devices() -> List[str]:
+    """The devices of every backend the engine was built with (ggml's registry: "CPU", "CUDA0", ...), by the
+    names run_attention's `device` takes."""
+    lib = _native.load()
+    return [_native.ffi.string(lib.pydhsa_op_device_name(i)).decode() for i in range(lib.pydhsa_op_device_count())]
+
+
 def max_ranges(n_kv: int, cfg: DhsaConfig) -> int:
     """ggml_dhsa_max_ranges (ggml-dhsa.c): the range capacity of one selection slot."""
     shortest = max(1, min(cfg.chunk_min, cfg.chunk_avg))
@@ -102,7 +109,7 @@ def run_attention(Q: np.ndarray, K: np.ndarray, V: np.ndarray, mode: str = "dhsa
                   softcap: float = 0.0, n_threads: int = 1, dense_from: Optional[int] = None,
                   device: str = "cpu", n_repeat: int = 1, warm_cache: bool = False,
                   kv_type: Optional[str] = None, visible: Optional[np.ndarray] = None) -> OpResult:
-    """device: "cpu" or "cuda" (see gpu_count()). n_repeat > 1: elapsed_ms is the median of that many
+    """device: "cpu", "cuda", or a name devices() lists. n_repeat > 1: elapsed_ms is the median of that many
     runs after one warm-up. warm_cache: keep the selection caches of complete segments between those
     runs (a long prefill's or decode's steady state) instead of starting each run cold. kv_type: the
     cache type K and V are stored in (default: their dtype, f16 or f32). visible: a bool mask [n_q, n_kv] in

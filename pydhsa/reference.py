@@ -60,11 +60,13 @@ class DhsaParams:
 # ----------------------------------------------------------------------------------------------------
 
 def _region_start(n_kv: int, frozen: Optional[Sequence[int]]) -> List[int]:
-    """Validate the frozen boundaries and return them with the leading 0 included.
+    """Validate n_kv and the frozen boundaries and return them with the leading 0 included.
 
     Frozen boundaries come from earlier ubatches: keys already cut never move, so only the region
     after the last frozen boundary is (re)chunked. A leading 0 may be omitted by the caller.
     """
+    if n_kv < 1:
+        raise ValueError("n_kv must be >= 1")
     fz = [int(b) for b in (frozen if frozen is not None else [])]
     if not fz or fz[0] != 0:
         fz = [0] + fz
@@ -159,8 +161,6 @@ def keysim_boundaries(K: np.ndarray, chunk_min: int, chunk_max: int, chunk_avg: 
     _check_chunk_params(chunk_min, chunk_max, chunk_avg, window)
     K = np.asarray(K, dtype=F32)
     n_kv = K.shape[0]
-    if n_kv < 1:
-        raise ValueError("n_kv must be >= 1")
     fz = _region_start(n_kv, frozen)
     r0 = fz[-1]
     if r0 == n_kv:
@@ -194,8 +194,6 @@ def fixed_boundaries(n_kv: int, chunk_avg: int, frozen: Optional[Sequence[int]] 
     """
     if chunk_avg < 1:
         raise ValueError("chunk_avg must be >= 1")
-    if n_kv < 1:
-        raise ValueError("n_kv must be >= 1")
     fz = _region_start(n_kv, frozen)
     r0 = fz[-1]
     if r0 == n_kv:

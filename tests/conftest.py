@@ -49,3 +49,12 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     command = [str(script)] if script.exists() else [sys.executable, "-m", "pydhsa"]
     return subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def niah_prompt_file(model, directory: Path, n_tokens: int) -> Path:
+    """A NIAH prompt of about n_tokens tokens of `model` (needle 0 at 50% depth), written to directory."""
+    from pydhsa import niah
+    prompt = niah.build_prompt(lambda s: len(model.tokenize(s)), n_tokens, 0.5, niah.NEEDLES[0])
+    path = directory / "prompt.txt"
+    path.write_text(prompt.text)
+    return path

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import niah_prompt_file, run_cli
 from pydhsa import niah
 
 pytestmark = pytest.mark.model
@@ -88,10 +88,7 @@ def probe(env, model, prompt_file, n_ctx=4096, max_tokens=4, extra_env=None, n_b
 @pytest.fixture(scope="module")
 def long_prompt_file(model, tmp_path_factory):
     """A ~3,000-token prompt: past min_context, so DHSA selects."""
-    prompt = niah.build_prompt(lambda s: len(model.tokenize(s)), 3000, 0.5, niah.NEEDLES[0])
-    path = tmp_path_factory.mktemp("lcp-prompt") / "prompt.txt"
-    path.write_text(prompt.text)
-    return path
+    return niah_prompt_file(model, tmp_path_factory.mktemp("lcp-prompt"), 3000)
 
 
 def test_keyed_model_runs_dhsa_through_plain_llama_h(lcp_env, keyed_model, long_prompt_file):

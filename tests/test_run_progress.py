@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
-from pydhsa import niah
+from conftest import niah_prompt_file, run_cli
 from pydhsa.errors import PydhsaError
 
 pytestmark = pytest.mark.model
@@ -24,10 +23,7 @@ pytestmark = pytest.mark.model
 
 @pytest.fixture(scope="module")
 def long_prompt(model, tmp_path_factory):
-    prompt = niah.build_prompt(lambda s: len(model.tokenize(s)), 6000, 0.5, niah.NEEDLES[0])
-    path = tmp_path_factory.mktemp("progress") / "prompt.txt"
-    path.write_text(prompt.text)
-    return path
+    return niah_prompt_file(model, tmp_path_factory.mktemp("progress"), 6000)
 
 
 def test_progress_lines_with_the_flag(model_path, long_prompt):

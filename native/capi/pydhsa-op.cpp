@@ -57,9 +57,10 @@ struct backend_guard {
     }
 };
 
-// "cpu" (or NULL): the CPU backend with n_threads; "cuda"/"gpu": the first GPU device ggml registered.
+// "cpu" (or NULL): the CPU backend with n_threads; "cuda"/"gpu": the first GPU device ggml registered;
+// else a device by its registry name ("CPU" is the CPU backend with n_threads).
 ggml_backend_t open_backend(const char * device, int32_t n_threads) {
-    if (device == nullptr || strcmp(device, "cpu") == 0) {
+    if (device == nullptr || strcmp(device, "cpu") == 0 || strcmp(device, "CPU") == 0) {
         ggml_backend_t cpu = ggml_backend_cpu_init();
         if (cpu) {
             ggml_backend_cpu_set_n_threads(cpu, n_threads);
@@ -70,7 +71,8 @@ ggml_backend_t open_backend(const char * device, int32_t n_threads) {
         ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU);
         return dev ? ggml_backend_dev_init(dev, nullptr) : nullptr;
     }
-    return nullptr;
+    ggml_backend_dev_t dev = ggml_backend_dev_by_name(device);
+    return dev ? ggml_backend_dev_init(dev, nullptr) : nullptr;
 }
 
 // Wall time of one synchronous graph computation, from cold selection caches unless warm.
@@ -309,6 +311,15 @@ extern "C" int32_t pydhsa_op_attention_masked(int32_t mode, const pydhsa_dhsa_pa
         err->message[0] = '\0';
     }
     return PYDHSA_OK;
+}
+
+extern "C" int32_t pydhsa_op_device_count(void) {
+    return (int32_t) ggml_backend_dev_count();
+}
+
+extern "C" const char * pydhsa_op_device_name(int32_t i) {
+    return i >= 0 && (size_t) i < ggml_backend_dev_count() ? ggml_backend_dev_name(ggml_backend_dev_get((size_t) i))
+                                                            : nullptr;
 }
 
 extern "C" int32_t pydhsa_gpu_count(void) {

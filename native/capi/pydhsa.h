@@ -244,8 +244,9 @@ PYDHSA_API int32_t pydhsa_session_dhsa_routes(const pydhsa_session * session, in
  *       PYDHSA_OP_FLASH (upstream ggml_flash_attn_ext, dense), or
  *       PYDHSA_OP_MASK (our selection turned into a -inf mask for upstream flash_attn_ext: the mask route),
  *       PYDHSA_OP_SELECT (the selection alone, to time it; out may be NULL).
- * device: NULL or "cpu" (n_threads threads), or "cuda" (the first GPU of a CUDA build; an op the backend
- * lacks for these shapes gives PYDHSA_ERR_ARGUMENT).
+ * device: NULL or "cpu" (n_threads threads), "cuda" or "gpu" (the first GPU of the build), or a device
+ * name as pydhsa_op_device_name lists it (ggml's registry: "CPU", "CUDA0", ...); an op the backend lacks
+ * for these shapes gives PYDHSA_ERR_ARGUMENT.
  * out: [n_q][n_head][d] float32. ranges (DHSA and MASK modes, may be NULL): the selection tensor as the op
  * wrote it, n_ranges_ints int32 (PYDHSA_ERR_BUFFER if too small; *n_ranges_out tells the size).
  * elapsed_ms: wall time of the graph computation (synchronous), the median of n_repeat runs after one
@@ -286,6 +287,10 @@ PYDHSA_API int32_t pydhsa_op_attention_masked(int32_t mode, const pydhsa_dhsa_pa
 
 /* Number of GPU devices the engine was built with and can see (0 for a CPU-only build). */
 PYDHSA_API int32_t pydhsa_gpu_count(void);
+/* The devices of every backend the engine was built with (ggml's registry, the CPU included): their
+ * number, and the name of device i (NULL when i is out of range), as the op's `device` takes it. */
+PYDHSA_API int32_t pydhsa_op_device_count(void);
+PYDHSA_API const char * pydhsa_op_device_name(int32_t i);
 /* cffi:end */
 
 #ifdef __cplusplus
