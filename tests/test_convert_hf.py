@@ -27,6 +27,7 @@ import random
 import re
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,6 +162,22 @@ def _config(arch: str, vocab_size: int):
         rope_scaling={"rope_type": "linear", "factor": 2.0}, **common)
 
 
+def causal_lm_class(arch: str):
+    return transformers.Gemma2ForCausalLM if arch == "gemma2" else transformers.Gemma3ForCausalLM
+
+
+def save_random_checkpoint(arch: str, config, randomize, seed: int, directory: Path, tokenizer_dir: Path,
+                           **save_kwargs) -> None:
+    """A Hugging Face checkpoint of `arch` with random weights (randomize(model) after torch's seed) and the
+    test tokenizer, saved in directory (also used by tests/test_cuda_e2e.py)."""
+    torch.manual_seed(seed)
+    model = causal_lm_class(arch)(config)
+    randomize(model)
+    model.save_pretrained(str(directory), **save_kwargs)
+    for f in os.listdir(tokenizer_dir):
+        shutil.copy(tokenizer_dir / f, directory / f)
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tokenizer_dir):
     """{arch: {"dir", "ids", "ref"}}: saved checkpoint, 100-token input, transformers' logits."""
@@ -169,16 +186,11 @@ def checkpoints(tmp_path_factory, tokenizer_dir):
     assert len(ids) == N_INPUT and ids[0] == 2
     out = {}
     for seed, arch in enumerate(("gemma2", "gemma3")):
-        cls = transformers.Gemma2ForCausalLM if arch == "gemma2" else transformers.Gemma3ForCausalLM
-        torch.manual_seed(seed)
-        model = cls(_config(arch, len(tok)))
-        _randomize(model, seed + 1)
         d = tmp_path_factory.mktemp(arch)
         # Gemma 2 sharded (model.safetensors.index.json + several shards), Gemma 3 one file
-        model.save_pretrained(str(d), max_shard_size="100KB" if arch == "gemma2" else "1GB")
-        for f in os.listdir(tokenizer_dir):
-            shutil.copy(tokenizer_dir / f, d / f)
-        del model
+        save_random_checkpoint(arch, _config(arch, len(tok)), lambda m: _randomize(m, seed + 1), seed, d,
+                               tokenizer_dir, max_shard_size="100KB" if arch == "gemma2" else "1GB")
+        cls = causal_lm_class(arch)
         ref_model = cls.from_pretrained(str(d), attn_implementation="eager",
                                         dtype=torch.float32).eval()
         with torch.no_grad():

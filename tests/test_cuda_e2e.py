@@ -28,7 +28,7 @@ from conftest import DENSE_RANGES
 from pydhsa import Model
 from pydhsa.dhsa_params import DhsaConfig
 from pydhsa.op import gpu_count
-from test_convert_hf import tokenizer_dir  # noqa: F401  (the fixture is used by name)
+from test_convert_hf import save_random_checkpoint, tokenizer_dir  # noqa: F401  (the fixture is used by name)
 
 pytestmark = pytest.mark.skipif(gpu_count() == 0, reason="needs a CUDA build of the engine and a GPU "
                                 "(bench/cuda_device.sh runs these on a GPU machine)")
@@ -62,14 +62,9 @@ def models(tmp_path_factory, tokenizer_dir):  # noqa: F811
     tok = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
     out = {}
     for seed, arch in enumerate(("gemma2", "gemma3")):
-        cls = transformers.Gemma2ForCausalLM if arch == "gemma2" else transformers.Gemma3ForCausalLM
-        torch.manual_seed(seed)
-        model = cls(_config(arch, len(tok)))
-        _randomize(model, seed + 10)
         d = tmp_path_factory.mktemp(f"cuda-{arch}")
-        model.save_pretrained(str(d))
-        for f in tokenizer_dir.iterdir():
-            (d / f.name).write_bytes(f.read_bytes())
+        save_random_checkpoint(arch, _config(arch, len(tok)), lambda m: _randomize(m, seed + 10), seed, d,
+                               tokenizer_dir)
         convert_hf(d, d / f"{arch}-f16.gguf", outtype="f16")
         out[arch] = d / f"{arch}-f16.gguf"
     return out
