@@ -7,7 +7,8 @@
 # Stages (default: all, in this order; a failing stage is reported and the next ones still run):
 #   build      pip-installs this checkout with CMAKE_ARGS="-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=<arch>"
 #              into a private target directory (no build isolation: the machine may be offline).
-#   tests      tests/test_op_cuda.py (kernels vs the NumPy reference and the CPU op, n_kv up to 128K) and
+#   tests      tests/test_op_cuda.py (kernels vs the NumPy reference and the CPU op, n_kv up to 128K),
+#              tests/test_op_backends.py (every backend of the build vs the CPU backend) and
 #              tests/test_cuda_e2e.py (random-weight Gemma 2/3 with every layer on the GPU).
 #   attention  bench/attention.py --device cuda over the issue's grid: dense, DHSA through our kernel and
 #              through upstream's sparse flash attention, the selection alone -> attention-cuda.json
@@ -79,7 +80,7 @@ python3 -c "from pydhsa.op import gpu_count; n = gpu_count(); print('pydhsa sees
 # Each test file in its own process: a crash in one still leaves the other's results. --capture=sys: what the
 # engine writes to stderr (an abort's message) reaches the log even when the process dies.
 if has tests; then
-    for t in test_op_cuda test_cuda_e2e; do
+    for t in test_op_cuda test_op_backends test_cuda_e2e; do
         stamp "tests/$t.py"
         (cd /tmp && python3 -m pytest -q -rs --capture=sys -p no:cacheprovider "$OLDPWD/tests/$t.py" 2>&1) > "$out/$t.log" \
             || failed="$failed $t"
