@@ -48,10 +48,14 @@ def _stamp_text() -> str:
 
 
 def default_cache_dir() -> Path:
-    if os.environ.get("PYDHSA_CACHE_DIR"):
-        return Path(os.environ["PYDHSA_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "pydhsa"
+    """pydhsa's cache folder, as the package defines it (pydhsa/cache_location.py, loaded by its path: the
+    package is not importable while it is being built)."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "pydhsa" / "cache_location.py"
+    spec = importlib.util.spec_from_file_location("pydhsa_cache_location", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.cache_dir()
 
 
 def fail(message: str) -> None:

@@ -20,19 +20,12 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from .cache_location import cache_dir
 from .errors import ModelFileError
 from .progress import ByteProgress
 from .tempfiles import make_temp
 
 COPY_BLOCK = 4 << 20  # bytes read per step while concatenating: memory stays flat for any model size
-
-
-def cache_dir() -> Path:
-    """pydhsa's cache: $PYDHSA_CACHE_DIR, else $XDG_CACHE_HOME/pydhsa, else ~/.cache/pydhsa."""
-    if os.environ.get("PYDHSA_CACHE_DIR"):
-        return Path(os.environ["PYDHSA_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "pydhsa"
 
 
 @dataclass(frozen=True)
