@@ -3,10 +3,11 @@
 // same settings.
 //
 // As in every ggml op, a node's settings are values in its op_params, copied from the caller's dhsa_runtime
-// when the graph is built: a graph says by itself what it computes (two graphs with the same op_params
-// compute the same thing), which is what CUDA graphs, RPC and graph comparison rely on. The node also holds
-// the address of the caller's dhsa_runtime, for what changes while a graph is reused: the per-decode-call
-// dense tail (dense_from, tail_ends), the segment caches and the density counters. That object is owned by
+// when the graph is built: the settings travel with the graph, which is what CUDA graphs, RPC and graph
+// comparison rely on. They are not all of what a node computes: the node also holds the address of the
+// caller's dhsa_runtime, for what changes while a graph is reused: the per-decode-call dense tail
+// (dense_from, tail_ends, which decide which rows run dense), the segment caches (which change the time,
+// never the result) and the density counters. That object is owned by
 // the session (or context) that built the graph and outlives it.
 #pragma once
 
