@@ -144,6 +144,33 @@ def test_cuda_segment_cache_hits_give_the_same_selection(n_kv, heads, d):
     assert_close(warm.out, cpu.out, "warm cache vs CPU op")
 
 
+# Selection alone (head sizes the selection op takes: multiples of 16) on shapes that exercise the fused selection's tiling: Qb staged in several
+# passes (q_block x G terms > 256), head sizes that are not a multiple of its 32-lane slices or of the chunk
+# score batches, more than 8 query blocks (several score tiles, a partial last one), a cold cache and a
+# warm one (n_repeat 3).
+SELECT_CASES = [
+    # (n_q, n_kv, heads, d, budget, boundary, warm_cache)
+    (1000, 9000, (28, 4), 96, 0.3, "keysim", False),
+    (77, 5000, (12, 4), 48, 0.1, "keysim", True),
+    (2048, 6000, (16, 2), 64, 0.2, "fixed", True),
+    (600, 20480, (8, 1), 208, 0.3, "keysim", True),
+]
+
+
+@pytest.mark.parametrize("n_q, n_kv, heads, d, budget, boundary, warm", SELECT_CASES,
+                         ids=[f"q{c[0]}-kv{c[1]}-h{c[2][0]}x{c[2][1]}-d{c[3]}-b{c[4]}-{c[5]}{'-warm' * c[6]}"
+                              for c in SELECT_CASES])
+def test_cuda_selection_alone_matches_cpu(n_q, n_kv, heads, d, budget, boundary, warm):
+    rng = np.random.default_rng([SEED, 9, n_q, n_kv, d])
+    Q, K, V = random_f16_inputs(rng, n_q, n_kv, *heads, d)
+    cfg = DhsaConfig(budget=budget, boundary=boundary, min_context=0)
+    gpu = run_attention(Q, K, V, "select", cfg, device="cuda", n_repeat=3 if warm else 1, warm_cache=warm)
+    cpu = run_attention(Q, K, V, "dhsa", cfg, n_threads=4)
+    assert list(gpu.positions) == list(range(n_kv - n_q, n_kv))
+    assert gpu.sparse and cpu.sparse
+    assert gpu.ranges == cpu.ranges, f"seed {SEED}"
+
+
 # The fattn route: upstream's sparse MMA flash attention fed with our index lists. Shapes cover every tile
 # ggml picks on NVIDIA (ncols2 = 1, 2, 4, 8 from the GQA group and K/V padding), odd ubatches, a ubatch
 # that is not at the end of the cache, and the head sizes 64/128/256.

@@ -21,22 +21,28 @@
 // position, sparse flag, cache hits and chunk counts from device memory and return early where there is
 // no work.
 //   kernel          computes                                               grid x block
-//   row_positions   pos[r] = last unmasked key of mask row r;              ceil(n_q / 8) (+ n_kv / 512) x 256
-//                   with a cache, the fingerprint of every complete         (warp per row; CTA per segment)
-//                   segment of n_kv (extra CTAs of the same launch)
-//   keysim_and_qb   control (sparse, n_eff; every CTA votes, CTA 0 stores) (n_seg x 4 x H_kv) + Qb CTAs x 128
-//                   and the cache hits (CTA 0); dist_h of every candidate
-//                   cut, per KV head (128 candidates per CTA);
-//                   query-block sums Qb (extra CTAs of the same launch)
+//   prologue        query-block sums Qb (a CTA per 32 lanes of a (block,   n_blocks H_kv ceil(d / 32)
+//                   KV head), staged in shared memory); pos[r] = last      + ceil(n_q / 8) (+ n_kv / 512)
+//                   unmasked key of mask row r (warp per row); with a      x 256
+//                   cache, the fingerprint of every complete segment of
+//                   n_kv and whether its entry matches (CTA per segment)
+//   keysim          control (sparse, n_eff; every CTA votes, CTA 0 stores) min(items, 4 per SM) x 128
+//                   and the cache hits (CTA 0); dist_h of every candidate   (at most 128 items a CTA)
+//                   cut of the segments that miss, per KV head (items of
+//                   128 candidates, looped over by the CTAs)
 //   segment_cuts    scores (sum of dist_h in h order), rank, greedy NMS,    n_seg x 512
 //                   split (or fixed cuts) per segment
 //   kc_and_bounds   chunk sums Kc (8 chunks x 256 (head, lane) pairs per    n_seg x ceil(seg_cap / 8)
 //                   CTA); the first CTA of a segment places its cuts in      x ceil(H_kv d / 256) x 256
 //                   the sequence's bounds and updates its cache entry
-//   chunk_scores    S = Qb . Kc and rank entries per (block, KV head)       (n_blocks H_kv, chunk_cap / 128) x 128
+//   chunk_scores    S = Qb . Kc and rank entries, a thread per (chunk, KV   (H_kv n_blocks,
+//                   head, query block)                                        chunk_cap / 128) x 128
 //   select_ranges   weighted radix select of the take threshold, range runs n_blocks H_kv x 512
-//   finish          sparse flag; dense slots when not sparse or failed      ceil(n_blocks H_kv / 256) x 256
-// (control replaces keysim..select_ranges when the parameters rule out a sparse selection.)
+//                   per (block, KV head); the last CTA writes the sparse
+//                   flag, and dense slots when a list overflowed
+// (control replaces keysim..chunk_scores when the parameters rule out a sparse selection; select_ranges
+// then writes dense slots.) On sm_90 every kernel after the prologue is launched with programmatic
+// dependent launch (pdl_wait below), so that launches overlap the previous kernel's tail.
 //
 // Segment cache (the CPU op's segment_cache, ENGINE.md). The cuts and Kc of segment s live in the cache
 // memory itself (entry s), so a hit needs no copy: keysim, cuts and Kc of a hit segment are skipped and the
@@ -55,6 +61,7 @@
 #include <new>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #if defined(__USE_FAST_MATH__)
 #    error "dhsa-cuda-select.cu must not be compiled with -use_fast_math: selection needs IEEE float32 results"
@@ -81,6 +88,25 @@ __device__ __forceinline__ float sqrt_f32(float a) { return __fsqrt_rn(a); }
 
 // A uint32 that sorts ascending in DESCENDING score order (the order of ranked_cmp in dhsa-select.c).
 // -0.0 and +0.0 compare equal there, so both map to the key of +0.0. Scores are finite (NaN has no order).
+// Programmatic dependent launch (sm_90+): every kernel after the first is launched with
+// programmaticStreamSerializationAllowed, so that its launch and CTA set-up overlap the previous kernel's
+// tail. Each kernel's first statement is pdl_wait(), executed by every CTA before any read: it returns once
+// the previous kernel has completed and its memory is visible (a no-op when the kernel was launched
+// without the attribute, and before sm_90). Because every CTA waits before it can exit, a kernel completes
+// only after its predecessor, so the chain stays in stream order transitively. pdl_launch_dependents()
+// lets the next kernel be launched once every CTA of this one has issued it or exited.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ uint32_t descending_key(float score) {
     const uint32_t bits      = score == 0.0f ? 0u : __float_as_uint(score);
     const uint32_t ascending = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
@@ -98,6 +124,7 @@ struct select_control {
     int32_t q_pos0;    // position of query row 0
     int32_t failed;    // a segment has too many chunks or a range list overflows: dense fallback
     int32_t n_chunks;  // chunks of [0, n_eff)
+    int32_t done;      // CTAs of select_ranges_kernel that have finished (the last one writes the flag)
 };
 
 struct select_plan {
@@ -119,9 +146,10 @@ struct select_plan {
     int32_t chunk_cap;       // bound of the chunk count: min(n_kv, n_seg * seg_cap)
     int32_t bitmap_words;    // ceil(chunk_cap / 32): the taken-chunk bitmap of select_ranges_kernel (shared memory)
     int32_t keysim_parts;    // CTAs per segment and KV head in keysim_and_qb (0: no keysim)
-    int32_t qb_ctas;         // CTAs computing Qb in keysim_and_qb
-    int32_t row_ctas;        // CTAs of row_positions_kernel computing row positions
-    int32_t fp_segments;     // CTAs after them computing the fingerprints of segments 0 .. fp_segments - 1
+    int32_t qb_ctas;         // CTAs of prologue_kernel computing Qb (kQbLanes lanes of one (block, KV head) each)
+    int32_t row_ctas;        // CTAs of prologue_kernel after them computing row positions
+    int32_t fp_segments;     // CTAs after those computing the fingerprints of segments 0 .. fp_segments - 1
+    int32_t score_tiles;     // CTAs of chunk_scores_kernel along the query blocks (kScoreBlocks blocks each)
     int32_t kc_groups;       // CTAs per segment along its chunks in kc_and_bounds
     int32_t kc_pair_tiles;   // CTAs per segment along the (head, lane) pairs in kc_and_bounds
     int32_t keys_vectorized; // K rows and heads 16-byte aligned, d % 8 == 0: 16-byte key loads
@@ -146,6 +174,7 @@ struct select_plan {
     // Segment cache (use_cache = 0: none, the pointers below are unused)
     int32_t              use_cache;
     unsigned long long * fp_new;       // scratch [n_seg]: fingerprints of this call's complete segments of n_kv
+    int32_t *            fp_match;     // scratch [n_seg]: entry s is valid and its fingerprint is fp_new[s]
     int32_t *            seg_hit;      // scratch [n_seg]: 1 when entry s is used as is (cuts and Kc skipped)
     unsigned long long * cache_fp;     // cache [segments]: the fingerprint entry s was computed from
     int32_t *            cache_valid;  // cache [segments]: 1 when entry s holds the cuts and Kc of cache_fp
@@ -188,13 +217,12 @@ __device__ __forceinline__ keysim_search keysim_search_of(const select_plan & P,
     return ks;
 }
 
-// Whether segment s's cuts and Kc come from the cache entry s (decided by keysim_and_qb_kernel, which
-// stores it in seg_hit for the later kernels): the segment is complete, the entry is valid and was
-// computed from keys and parameters with the same fingerprint. Reads only cache state that no kernel of
-// the keysim launch writes (the cuts and kc kernels update it).
+// Whether segment s's cuts and Kc come from the cache entry s (decided by keysim_kernel, which stores it
+// in seg_hit for the later kernels): the segment is complete, the entry is valid and was computed from
+// keys and parameters with the same fingerprint (fp_match, written by the fingerprint CTAs of the
+// prologue from cache state that only the later cuts and kc kernels modify).
 __device__ __forceinline__ bool segment_cached(const select_plan & P, segment_span sp, int s) {
-    return P.use_cache && sp.present && sp.seg1 - sp.seg0 == kSegment && P.cache_valid[s] != 0 &&
-           P.cache_fp[s] == P.fp_new[s];
+    return P.use_cache && sp.present && sp.seg1 - sp.seg0 == kSegment && s < P.fp_segments && P.fp_match[s] != 0;
 }
 
 __device__ __forceinline__ bool segment_hit(const select_plan & P, int s) {
@@ -306,20 +334,32 @@ __device__ float sequential_key_sum(const half * col, int64_t j0, int64_t j1, in
 }
 
 // ---------------------------------------------------------------------------------------------------
-// 1. Row positions: pos[r] = last key j with mask[r][j] != -inf, or -1 (row_position()).
+// 1. The prologue: everything that reads only the inputs (and the cache's state), in one launch. CTAs
+// [0, qb_ctas) compute the query-block sums Qb (3b below), the next row_ctas the row positions pos[r] =
+// last key j with mask[r][j] != -inf, or -1 (row_position()), the last fp_segments the fingerprints (1b).
 // ---------------------------------------------------------------------------------------------------
 
-constexpr int kRowsPerCta = 8;  // one warp per row
-constexpr int kRowUnroll  = 8;  // 256 mask values per warp and step: rows usually end near the end
+constexpr int kRowsPerCta      = 8;  // one warp per row
+constexpr int kRowUnroll       = 8;  // 256 mask values per warp and step: rows usually end near the end
+constexpr int kPrologueThreads = kRowsPerCta * 32;
 
 __device__ void fingerprint_cta(const select_plan & P, int s);
+__device__ void query_block_reprs_cta(const select_plan & P, int cta);
 
-__global__ void __launch_bounds__(kRowsPerCta * 32) row_positions_kernel(const select_plan P) {
-    if ((int) blockIdx.x >= P.row_ctas) {  // uniform over the CTA
-        fingerprint_cta(P, (int) blockIdx.x - P.row_ctas);
+__global__ void __launch_bounds__(kPrologueThreads) prologue_kernel(const select_plan P) {
+    pdl_wait();  // (launched without the attribute: a no-op; kept so that every kernel starts the same way)
+    pdl_launch_dependents();
+    int cta = (int) blockIdx.x;  // roles are uniform over the CTA
+    if (cta < P.qb_ctas) {
+        query_block_reprs_cta(P, cta);
         return;
     }
-    const int r = blockIdx.x * kRowsPerCta + warp_id();
+    cta -= P.qb_ctas;
+    if (cta >= P.row_ctas) {
+        fingerprint_cta(P, cta - P.row_ctas);
+        return;
+    }
+    const int r = cta * kRowsPerCta + warp_id();
     if (r >= P.in.n_q) {
         return;
     }
@@ -347,8 +387,8 @@ __global__ void __launch_bounds__(kRowsPerCta * 32) row_positions_kernel(const s
 }
 
 // ---------------------------------------------------------------------------------------------------
-// 1b. Segment fingerprints (cache only), in extra CTAs of the row_positions launch: nothing they read
-// depends on the row positions. Segment s of n_kv, complete ([seg0, seg0 + 512) inside n_kv), hashes
+// 1b. Segment fingerprints (cache only), in the last CTAs of the prologue: nothing they read depends on
+// the row positions. Segment s of n_kv, complete ([seg0, seg0 + 512) inside n_kv), hashes
 // the first 16 bytes (8 f16 lanes, fewer when d < 8, zero-padded) of every (key row, KV head) of rows
 // [fingerprint_row_lo(seg0), seg0 + 512): every key its cuts and Kc are computed from. Each item is
 // hashed with its position (row - seg0, head) into 64 bits, the items are summed modulo 2^64 (an order-
@@ -395,7 +435,7 @@ __device__ __forceinline__ unsigned long long item_hash(unsigned long long posit
     return mix64(hi ^ a);
 }
 
-constexpr int kFpThreads = kRowsPerCta * 32;  // the row_positions launch's block
+constexpr int kFpThreads = kPrologueThreads;
 constexpr int kFpBatch   = 8;                 // items loaded before they are hashed
 
 __device__ void fingerprint_cta(const select_plan & P, int s) {
@@ -443,7 +483,11 @@ __device__ void fingerprint_cta(const select_plan & P, int s) {
         for (int i = 0; i < (int) (sizeof(params) / sizeof(params[0])); ++i) {
             h = mix64(h ^ (unsigned long long) params[i]);
         }
-        P.fp_new[s] = mix64(h + total);
+        const unsigned long long fp = mix64(h + total);
+        P.fp_new[s]   = fp;
+        // Read here rather than in the keysim launch: only the cuts and kc kernels, later in the stream,
+        // change the entry.
+        P.fp_match[s] = P.cache_valid[s] != 0 && P.cache_fp[s] == fp ? 1 : 0;
     }
 }
 
@@ -467,12 +511,15 @@ __device__ select_control derive_control(const select_plan & P) {
     c.q_pos0   = q_pos0;
     c.failed   = 0;
     c.n_chunks = 0;
+    c.done     = 0;
     return c;
 }
 
 // Only launched when the parameters rule out a sparse selection (the keysim launch derives the control
-// itself otherwise): the finish kernel then writes dense slots.
+// itself otherwise): select_ranges_kernel then writes dense slots.
 __global__ void __launch_bounds__(32) control_kernel(const select_plan P) {
+    pdl_wait();
+    pdl_launch_dependents();
     const select_control c = derive_control(P);
     if (threadIdx.x == 0) {
         *P.ctrl = c;
@@ -678,7 +725,7 @@ __device__ void keysim_scores_cta(const select_plan & P, const select_control & 
         return;
     }
     const segment_span sp = segment_of(s, ctl.n_eff);
-    if (!sp.present || segment_cached(P, sp, s)) {  // a cache hit needs no scores
+    if (!sp.present) {  // (cache hits are not called)
         return;
     }
     const keysim_search ks = keysim_search_of(P, sp);
@@ -742,71 +789,81 @@ __device__ void keysim_scores_cta(const select_plan & P, const select_control & 
 
 // ---------------------------------------------------------------------------------------------------
 // 3b. Query-block representations (dhsa_query_block_reprs): Qb[b][g][i] = (sum over the block's rows r,
-// outer, and the group's heads, inner, of Q[r][g G + k][i]) / sqrt(len_b), one accumulator.
+// outer, and the group's heads, inner, of Q[r][g G + k][i]) / sqrt(len_b), one accumulator. Computed by
+// CTAs of the prologue. A CTA owns kQbLanes lanes of one (block, KV head): its 256 threads stage the
+// terms (row, head) of those lanes in shared memory, up to kQbTerms at a time with every load in flight
+// at once (32 per thread, a warp per term: 128-byte rows), then warp 0 adds them, one lane per i, in the
+// C order. A thread summing alone would wait for its loads (q_block * G of them) a batch at a time.
 // ---------------------------------------------------------------------------------------------------
 
+constexpr int kQbLanes  = 32;                              // lanes of d per CTA: warp 0 sums one each
+constexpr int kQbStage  = 8192;                            // floats staged per pass (32 KB)
+constexpr int kQbTerms  = kQbStage / kQbLanes;             // (row, head) terms per pass
+constexpr int kQbPerThr = kQbStage / kPrologueThreads;     // loads per thread and pass
+static_assert(kQbStage % kPrologueThreads == 0 && kPrologueThreads % kQbLanes == 0, "Qb staging split");
+
 __device__ void query_block_reprs_cta(const select_plan & P, int cta) {
-    const int64_t idx = (int64_t) cta * kKeysimThreads + threadIdx.x;
-    if (idx >= (int64_t) P.n_blocks * P.in.n_head_kv * P.in.d) {
-        return;
-    }
-    const int32_t i  = (int32_t) (idx % P.in.d);
-    const int64_t bg = idx / P.in.d;
+    __shared__ __align__(16) float stage_s[kQbStage];  // [term][lane]
+
+    const int     slices = (P.in.d + kQbLanes - 1) / kQbLanes;
+    const int64_t bg     = cta / slices;
+    const int     i0     = (cta % slices) * kQbLanes;
     const int32_t g = (int32_t) (bg % P.in.n_head_kv), b = (int32_t) (bg / P.in.n_head_kv);
     const int32_t r0 = b * P.q_block;
     const int32_t r1 = (int32_t) min((int64_t) P.in.n_q, (int64_t) r0 + P.q_block);
-    const float * q0 = P.in.q + (int64_t) r0 * P.in.q_row + (int64_t) g * P.group * P.in.q_head + i;
+    const int32_t G  = P.group;
+    const float * q0 = P.in.q + (int64_t) r0 * P.in.q_row + (int64_t) g * G * P.in.q_head + i0;
+    const int32_t n_terms = (r1 - r0) * G;  // term t = (row t / G, head t % G): rows outer, heads inner
+    const int     lane    = lane_id();
+    const bool    lane_ok = i0 + lane < P.in.d;  // the same lane for loading and summing (kQbLanes == 32)
 
-    // Terms in the C order, (row, head) advanced incrementally; a batch of loads goes out before its adds
-    // (a block is q_block * G terms, 256 by default: 4 round trips to memory).
-    constexpr int kBatch = 64;
-    float         acc    = 0.0f;
-    int           r = 0, hh = 0;  // next term to load, relative to (r0, g G)
-    const int     rows = r1 - r0;
-    while (r < rows) {
-        float x[kBatch];
-        int   n = 0;
+    float acc = 0.0f;
+    for (int32_t t0 = 0; t0 < n_terms; t0 += kQbTerms) {
+        const int32_t n = min(kQbTerms, n_terms - t0);
+        float         v[kQbPerThr];
 #pragma unroll
-        for (int u = 0; u < kBatch; ++u) {
-            x[u] = 0.0f;
-            if (r < rows) {
-                x[u] = __ldg(q0 + (int64_t) r * P.in.q_row + (int64_t) hh * P.in.q_head);
-                n    = u + 1;
-                if (++hh == P.group) {
-                    hh = 0;
-                    ++r;
-                }
+        for (int u = 0; u < kQbPerThr; ++u) {
+            const int32_t term = u * (kPrologueThreads / kQbLanes) + warp_id();  // element u * 256 + tid
+            v[u] = 0.0f;
+            if (term < n && lane_ok) {
+                const int32_t t = t0 + term, r = t / G, hh = t - r * G;
+                v[u] = __ldg(q0 + (int64_t) r * P.in.q_row + (int64_t) hh * P.in.q_head + lane);
             }
         }
+        __syncthreads();  // warp 0 is done with the previous pass
 #pragma unroll
-        for (int u = 0; u < kBatch; ++u) {
-            if (u < n) {
-                acc = add_f32(acc, x[u]);
+        for (int u = 0; u < kQbPerThr; ++u) {
+            stage_s[u * kPrologueThreads + threadIdx.x] = v[u];
+        }
+        __syncthreads();
+        if (warp_id() == 0) {
+#pragma unroll 8
+            for (int32_t k = 0; k < n; ++k) {
+                acc = add_f32(acc, stage_s[k * kQbLanes + lane]);
             }
         }
     }
-    P.qb[idx] = div_f32(acc, sqrt_f32((float) (r1 - r0)));
-}
-
-// Whether a keysim CTA of segment s may return before deriving the control: with the sparse selection
-// the segment is then a cache hit (n_eff = pos[0] + n_q reaches its end, so it is present and complete,
-// and s < fp_segments means fp_new[s] is this call's), and without it keysim has nothing to do anyway.
-// Saves the position vote of the many CTAs of hit segments (all of them in a warm decode).
-__device__ __forceinline__ bool keysim_cta_skippable(const select_plan & P, int s) {
-    return P.use_cache && s < P.fp_segments && (int64_t) P.sel[0] + P.in.n_q >= (int64_t) (s + 1) * kSegment &&
-           P.cache_valid[s] != 0 && P.cache_fp[s] == P.fp_new[s];
-}
-
-// One launch for the keysim scores and the query sums (they only need the keys and queries), which also
-// derives the control (sparse flag, n_eff): every CTA votes on the positions itself, CTA 0 stores it, and
-// CTA 0 records which segments are cache hits for the later kernels (the keysim CTAs decide it the same
-// way from the same values).
-__global__ void __launch_bounds__(kKeysimThreads, 4) keysim_and_qb_kernel(const select_plan P) {
-    const int per_seg     = P.keysim_parts * P.in.n_head_kv;  // (part, head) CTAs of a segment, heads inner
-    const int keysim_ctas = P.n_seg * per_seg;
-    if (blockIdx.x != 0 && (int) blockIdx.x < keysim_ctas && keysim_cta_skippable(P, (int) blockIdx.x / per_seg)) {
-        return;  // uniform over the CTA (CTA 0 always stores the control)
+    if (warp_id() == 0 && lane_ok) {
+        P.qb[bg * P.in.d + i0 + lane] = div_f32(acc, sqrt_f32((float) (r1 - r0)));
     }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// 3c. The keysim launch. It derives the control (sparse flag, n_eff): every CTA votes on the positions
+// itself, CTA 0 stores it and records which segments are cache hits for the later kernels (the other CTAs
+// decide it the same way from the same values). Work items (segment, part, KV head), heads inner, are
+// spread over a grid of at most kKeysimCtasPerSm CTAs per SM (but at most kKeysimThreads items per CTA):
+// a CTA first looks up, in parallel, which of its items need scores (a miss of a present segment), then
+// runs only those. Hits cost no CTA of their own (all of them in a warm call).
+// ---------------------------------------------------------------------------------------------------
+
+constexpr int kKeysimCtasPerSm = 4;  // as __launch_bounds__ below (128 registers a thread)
+
+__global__ void __launch_bounds__(kKeysimThreads, kKeysimCtasPerSm) keysim_kernel(const select_plan P) {
+    __shared__ unsigned char work_s[kKeysimThreads];
+
+    pdl_wait();
+    pdl_launch_dependents();
     const select_control ctl = derive_control(P);
     if (blockIdx.x == 0) {
         if (threadIdx.x == 0) {
@@ -818,11 +875,22 @@ __global__ void __launch_bounds__(kKeysimThreads, 4) keysim_and_qb_kernel(const 
             }
         }
     }
-    if ((int) blockIdx.x < keysim_ctas) {
-        const int rest = (int) blockIdx.x % per_seg;
-        keysim_scores_cta(P, ctl, (int) blockIdx.x / per_seg, rest / P.in.n_head_kv, rest % P.in.n_head_kv);
-    } else if (ctl.sparse) {
-        query_block_reprs_cta(P, blockIdx.x - keysim_ctas);
+    const int64_t per_seg = (int64_t) P.keysim_parts * P.in.n_head_kv;  // (part, head) items of a segment
+    const int64_t total   = (int64_t) P.n_seg * per_seg;
+    const int64_t first   = blockIdx.x, stride = gridDim.x;
+    const int     n_items = first < total ? (int) ((total - 1 - first) / stride + 1) : 0;  // <= kKeysimThreads
+    if (threadIdx.x < n_items) {
+        const int          s  = (int) ((first + threadIdx.x * stride) / per_seg);
+        const segment_span sp = segment_of(s, ctl.n_eff);
+        work_s[threadIdx.x]   = ctl.sparse && sp.present && !segment_cached(P, sp, s) ? 1 : 0;
+    }
+    __syncthreads();
+    for (int k = 0; k < n_items; ++k) {
+        if (work_s[k]) {  // uniform over the CTA
+            const int64_t item = first + k * stride;
+            const int     rest = (int) (item % per_seg);
+            keysim_scores_cta(P, ctl, (int) (item / per_seg), rest / P.in.n_head_kv, rest % P.in.n_head_kv);
+        }
     }
 }
 
@@ -948,6 +1016,8 @@ __global__ void __launch_bounds__(kCutsThreads) segment_cuts_kernel(const select
     __shared__ int32_t            cuts_s[kSegment];
     __shared__ int32_t            n_cuts_s;
 
+    pdl_wait();
+    pdl_launch_dependents();
     const select_control ctl = read_control(P);
     if (!ctl.sparse) {
         return;
@@ -1162,6 +1232,8 @@ __device__ void place_segment_bounds(const select_plan & P, const select_control
 // Both only need the segments' cuts: the first CTA of each segment also places its boundaries and, for a
 // segment computed in this call, updates its cache entry. A cache hit's Kc is in its entry already.
 __global__ void __launch_bounds__(kKcThreads, 3) kc_and_bounds_kernel(const select_plan P) {
+    pdl_wait();
+    pdl_launch_dependents();
     const select_control ctl = read_control(P);
     if (!ctl.sparse) {
         return;
@@ -1194,11 +1266,17 @@ __global__ void __launch_bounds__(kKcThreads, 3) kc_and_bounds_kernel(const sele
 // ---------------------------------------------------------------------------------------------------
 // 6. Chunk scores and rank entries per (block b, KV head g): for each chunk c starting by pe, its
 // unforced tokens u (the take weight) and, for candidates (u > 0), S = Qb[b][g] . Kc[c][g] (i increasing,
-// product rounded). Entry = descending_key(S) << 32 | u; u = 0 marks a non-candidate.
+// product rounded). Entry = descending_key(S) << 32 | u; u = 0 marks a non-candidate. A thread owns one
+// chunk of one KV head for kScoreBlocks query blocks (one accumulator each, every one in i order; each Kc
+// value is then read once per kScoreBlocks blocks).
 // ---------------------------------------------------------------------------------------------------
 
 constexpr int kScoreThreads = 128;
 constexpr int kScoreBatch   = 32;  // Kc lanes per batch; two batches in flight
+// Query blocks per thread. Measured on an H200 (ncu, 512 queries = 8 blocks): 8 made the kernel slower,
+// 7 -> 20 us at 32K keys (8/4 heads, d 128; a thread's 8 chains of d adds are latency-bound and the grid 8x
+// smaller) and no faster at 128K (46 -> 44 us, 16/8 heads, d 256), so each thread does one block.
+constexpr int kScoreBlocks  = 1;
 
 // Kc lanes i0 .. i0 + kScoreBatch - 1 of one chunk (consecutive lanes are seg_cap apart), zero past d.
 __device__ __forceinline__ void load_kc_batch(const float * kc_col, int64_t stride, int i0, int d, float (&x)[kScoreBatch]) {
@@ -1236,49 +1314,91 @@ __device__ __forceinline__ float dot_batch(float acc, const float * qb_s, int i0
     return acc;
 }
 
-__global__ void __launch_bounds__(kScoreThreads) chunk_scores_kernel(const select_plan P) {
-    extern __shared__ __align__(16) float qb_s[];
+// The batch for the CTA's nb blocks (Qb of block j at qb_s + j * dp).
+__device__ __forceinline__ void dot_batch_blocks(float (&acc)[kScoreBlocks], const float * qb_s, int dp, int nb, int i0,
+                                                 int d, const float (&x)[kScoreBatch]) {
+#pragma unroll
+    for (int j = 0; j < kScoreBlocks; ++j) {
+        if (j < nb) {
+            acc[j] = dot_batch(acc[j], qb_s + j * dp, i0, d, x);
+        }
+    }
+}
 
+__global__ void __launch_bounds__(kScoreThreads) chunk_scores_kernel(const select_plan P) {
+    extern __shared__ __align__(16) float qb_s[];  // [kScoreBlocks][dp]
+    __shared__ int32_t n_cc_s[kScoreBlocks], n_causal_s[kScoreBlocks], sink_s[kScoreBlocks], local_s[kScoreBlocks];
+
+    pdl_wait();
+    pdl_launch_dependents();
     const select_control ctl = read_control(P);
     if (!ctl.sparse || ctl.failed) {
         return;
     }
-    const int        bg = blockIdx.x;
-    const int        b  = bg / P.in.n_head_kv, g = bg % P.in.n_head_kv;
-    const int        c0 = blockIdx.y * kScoreThreads;
-    const int        n_cc = P.block_chunks[b];
-    const block_plan bp   = plan_block(P, b, ctl.q_pos0);
-    if (c0 >= n_cc || bp.dense || bp.need <= 0) {
-        return;  // select_ranges_kernel takes no chunk here: no scores needed
+    const int g  = (int) (blockIdx.x % P.in.n_head_kv);
+    const int b0 = (int) (blockIdx.x / P.in.n_head_kv) * kScoreBlocks;
+    const int nb = min(kScoreBlocks, P.n_blocks - b0);
+    const int c0 = blockIdx.y * kScoreThreads;
+    const int dp = (int) ceil_div_dev(P.in.d, 2 * kScoreBatch) * 2 * kScoreBatch;  // the loop's last batch
+    if ((int) threadIdx.x < nb) {
+        // n_cc 0: select_ranges_kernel takes no chunk of this block (dense, or nothing to take): no entries
+        const block_plan bp = plan_block(P, b0 + threadIdx.x, ctl.q_pos0);
+        n_cc_s[threadIdx.x]     = bp.dense || bp.need <= 0 ? 0 : P.block_chunks[b0 + threadIdx.x];
+        n_causal_s[threadIdx.x] = bp.n_causal;
+        sink_s[threadIdx.x]     = bp.sink_end;
+        local_s[threadIdx.x]    = bp.local_start;
     }
-    const int d_padded = (int) ceil_div_dev(P.in.d, 2 * kScoreBatch) * 2 * kScoreBatch;  // the loop's last batch
-    for (int i = threadIdx.x; i < d_padded; i += kScoreThreads) {
-        qb_s[i] = i < P.in.d ? P.qb[(int64_t) bg * P.in.d + i] : 0.0f;
+    for (int i = threadIdx.x; i < nb * dp; i += kScoreThreads) {
+        const int j = i / dp, lane = i - j * dp;
+        qb_s[i] = lane < P.in.d ? P.qb[((int64_t) (b0 + j) * P.in.n_head_kv + g) * P.in.d + lane] : 0.0f;
     }
     __syncthreads();
-    const int c = c0 + threadIdx.x;
-    if (c >= n_cc) {
-        return;
+    int max_cc = 0;
+    for (int j = 0; j < nb; ++j) {
+        max_cc = max(max_cc, n_cc_s[j]);
     }
-    const int32_t      u     = unforced_tokens(P.bounds[c], min(P.bounds[c + 1], bp.n_causal), bp.sink_end, bp.local_start);
-    unsigned long long entry = ~0ull << 32;  // weight 0: not a candidate
-    if (u > 0) {
+    const int c = c0 + threadIdx.x;
+    if (c >= max_cc) {
+        return;  // (no barrier follows)
+    }
+    const int32_t cs = P.bounds[c], ce = P.bounds[c + 1];
+    int32_t       u[kScoreBlocks];
+    bool          any = false;
+#pragma unroll
+    for (int j = 0; j < kScoreBlocks; ++j) {
+        u[j] = 0;
+        if (j < nb && c < n_cc_s[j]) {
+            u[j] = unforced_tokens(cs, min(ce, n_causal_s[j]), sink_s[j], local_s[j]);
+            any  = any || u[j] > 0;
+        }
+    }
+    float acc[kScoreBlocks];
+#pragma unroll
+    for (int j = 0; j < kScoreBlocks; ++j) {
+        acc[j] = 0.0f;
+    }
+    if (any) {
         // Kc of chunk k of segment seg, pairs (g, i) for i = 0 .. d - 1: seg_cap floats apart
         const int32_t slot   = P.chunk_slot[c];
         const int32_t seg    = slot / P.seg_cap, k = slot - seg * P.seg_cap;
         const float * kc_col = P.kc + ((int64_t) seg * P.n_pairs + (int64_t) g * P.in.d) * P.seg_cap + k;
         float         a[kScoreBatch], b2[kScoreBatch];
-        float         acc = 0.0f;
         load_kc_batch(kc_col, P.seg_cap, 0, P.in.d, a);
         for (int i0 = 0; i0 < P.in.d; i0 += 2 * kScoreBatch) {  // double buffer: load ahead, then add in order
             load_kc_batch(kc_col, P.seg_cap, i0 + kScoreBatch, P.in.d, b2);
-            acc = dot_batch(acc, qb_s, i0, P.in.d, a);
+            dot_batch_blocks(acc, qb_s, dp, nb, i0, P.in.d, a);
             load_kc_batch(kc_col, P.seg_cap, i0 + 2 * kScoreBatch, P.in.d, a);
-            acc = dot_batch(acc, qb_s, i0 + kScoreBatch, P.in.d, b2);
+            dot_batch_blocks(acc, qb_s, dp, nb, i0 + kScoreBatch, P.in.d, b2);
         }
-        entry = (unsigned long long) descending_key(acc) << 32 | (uint32_t) u;
     }
-    P.rank[(int64_t) bg * P.chunk_cap + c] = entry;
+#pragma unroll
+    for (int j = 0; j < kScoreBlocks; ++j) {
+        if (j < nb && c < n_cc_s[j]) {
+            const unsigned long long entry =
+                u[j] > 0 ? (unsigned long long) descending_key(acc[j]) << 32 | (uint32_t) u[j] : ~0ull << 32;
+            P.rank[((int64_t) (b0 + j) * P.in.n_head_kv + g) * P.chunk_cap + c] = entry;
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -1354,6 +1474,7 @@ struct select_shared {
     uint32_t prefix, prefix_mask, remaining;
     int32_t  take_all;
     int32_t  last_end;
+    int32_t  last_cta;  // this CTA is the last of the launch to finish
 };
 
 // Warp 0: the smallest digit whose cumulative histogram weight reaches sh.remaining; narrows the prefix.
@@ -1506,19 +1627,13 @@ __device__ int emit_ranges(const select_plan & P, const block_plan & bp, int n_c
     return count;
 }
 
-__global__ void __launch_bounds__(kSelectThreads, 1) select_ranges_kernel(const select_plan P) {
-    __shared__ select_shared sh;
-    extern __shared__ uint32_t taken_s[];  // bit c: chunk c taken (bitmap_words words)
-
-    const select_control ctl = read_control(P);
-    if (!ctl.sparse || ctl.failed) {
-        return;
-    }
-    const int        bg   = blockIdx.x;
+// The range list of (block, KV head) bg when the selection is sparse and has not failed so far.
+__device__ void select_block_ranges(const select_plan & P, const select_control & ctl, int bg, select_shared & sh,
+                                    uint32_t * words) {
     const int        b    = bg / P.in.n_head_kv;
     const block_plan bp   = plan_block(P, b, ctl.q_pos0);
     int32_t *        slot = P.sel + (P.in.n_q + 1) + (int64_t) bg * P.slot_size;
-    if (bp.dense) {
+    if (bp.dense) {  // uniform
         if (threadIdx.x == 0) {
             slot[0] = 1;
             slot[1] = 0;
@@ -1527,7 +1642,6 @@ __global__ void __launch_bounds__(kSelectThreads, 1) select_ranges_kernel(const 
         return;
     }
     const int  n_cc      = P.block_chunks[b];
-    uint32_t * words     = taken_s;
     const bool any_taken = bp.need > 0 && n_cc > 0;
     if (any_taken) {  // uniform
         rank_entries entries;
@@ -1545,22 +1659,9 @@ __global__ void __launch_bounds__(kSelectThreads, 1) select_ranges_kernel(const 
     }
 }
 
-// ---------------------------------------------------------------------------------------------------
-// 8. Finish: the flag, and write_dense_slots() when the selection is not sparse or failed.
-// ---------------------------------------------------------------------------------------------------
-
-constexpr int kFinishThreads = 256;
-
-__global__ void __launch_bounds__(kFinishThreads) finish_kernel(const select_plan P) {
-    const select_control ctl = read_control(P);
-    const bool           ok  = ctl.sparse && !ctl.failed;
-    if (blockIdx.x == 0 && threadIdx.x == 0) {
-        P.sel[P.in.n_q] = ok ? 1 : 0;
-    }
-    const int64_t bg = (int64_t) blockIdx.x * kFinishThreads + threadIdx.x;
-    if (ok || bg >= (int64_t) P.n_blocks * P.in.n_head_kv) {
-        return;
-    }
+// write_dense_slots() for one (block, KV head): [0, pe + 1) with pe the block's last row position (none
+// when every row is masked), as the CPU op writes when the selection is not sparse or failed.
+__device__ void write_dense_slot(const select_plan & P, int64_t bg) {
     const int64_t b  = bg / P.in.n_head_kv;
     const int64_t r0 = b * P.q_block, r1 = min((int64_t) P.in.n_q, r0 + P.q_block);
     int32_t       pe = -1;
@@ -1571,6 +1672,47 @@ __global__ void __launch_bounds__(kFinishThreads) finish_kernel(const select_pla
     slot[0]        = pe >= 0 ? 1 : 0;
     slot[1]        = 0;
     slot[2]        = pe + 1;
+}
+
+// One CTA per (block, KV head). Also what a separate finish kernel did: the last CTA to finish (a
+// counter in the control, reset by the keysim or control launch) writes the sparse flag and, when a range
+// list overflowed in this launch, dense slots for every (block, KV head). When the selection was already
+// not sparse or failed (a segment with too many chunks) as the launch starts, each CTA writes its own
+// dense slot.
+__global__ void __launch_bounds__(kSelectThreads, 1) select_ranges_kernel(const select_plan P) {
+    __shared__ select_shared sh;
+    extern __shared__ uint32_t taken_s[];  // bit c: chunk c taken (bitmap_words words)
+
+    pdl_wait();
+    pdl_launch_dependents();
+    const select_control ctl      = read_control(P);
+    const bool           selected = ctl.sparse && !ctl.failed;
+    if (selected) {
+        select_block_ranges(P, ctl, (int) blockIdx.x, sh, taken_s);
+    } else if (threadIdx.x == 0) {
+        write_dense_slot(P, blockIdx.x);
+    }
+    // Every thread's writes (slots, the failed flag) are ordered before the CTA's count (threadFenceReduction).
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        sh.last_cta = atomicAdd(&P.ctrl->done, 1) == (int) gridDim.x - 1 ? 1 : 0;
+    }
+    __syncthreads();
+    if (!sh.last_cta) {
+        return;
+    }
+    __threadfence();
+    const bool ok = selected && *(volatile const int32_t *) &P.ctrl->failed == 0;
+    if (threadIdx.x == 0) {
+        P.sel[P.in.n_q] = ok ? 1 : 0;
+    }
+    if (selected && !ok) {  // a list overflowed in this launch: every slot becomes dense
+        const int64_t n_bg = (int64_t) P.n_blocks * P.in.n_head_kv;
+        for (int64_t bg = threadIdx.x; bg < n_bg; bg += kSelectThreads) {
+            write_dense_slot(P, bg);
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -1615,7 +1757,7 @@ bool args_usable(const dhsa_cuda_select_args * a) {
 
 // Byte offsets of the scratch sub-buffers.
 struct scratch_layout {
-    size_t ctrl, fp_new, seg_hit, cut_scores, bounds, chunk_slot, block_chunks, qb, rank, seg_cuts, kc, total;
+    size_t ctrl, fp_new, fp_match, seg_hit, cut_scores, bounds, chunk_slot, block_chunks, qb, rank, seg_cuts, kc, total;
 };
 
 // Fills the host-known sizes of the plan and returns the scratch layout.
@@ -1633,7 +1775,8 @@ scratch_layout plan_sizes(const dhsa_cuda_select_args * a, select_plan & P) {
     // keysim candidates of a segment: [seg0 + chunk_min, seg1 - chunk_min], at most 512 - 2 chunk_min + 1
     const int64_t max_cand = p.chunk_min >= 1 ? (int64_t) kSegment - 2 * (int64_t) p.chunk_min + 1 : 0;
     P.keysim_parts  = p.boundary == DHSA_BOUNDARY_KEYSIM && max_cand > 0 ? (int32_t) ceil_div(max_cand, kKeysimPart) : 0;
-    P.qb_ctas       = (int32_t) ceil_div((int64_t) P.n_blocks * a->in.n_head_kv * a->in.d, kKeysimThreads);
+    P.qb_ctas       = (int32_t) ((int64_t) P.n_blocks * a->in.n_head_kv * ceil_div(a->in.d, kQbLanes));
+    P.score_tiles   = (int32_t) ceil_div(P.n_blocks, kScoreBlocks);
     P.kc_groups     = (int32_t) ceil_div(P.seg_cap, kKcChunks);
     P.kc_pair_tiles = (int32_t) ceil_div((int64_t) a->in.n_head_kv * a->in.d, kKcPairs);
     P.row_ctas      = (int32_t) ceil_div(a->in.n_q, kRowsPerCta);
@@ -1646,6 +1789,7 @@ scratch_layout plan_sizes(const dhsa_cuda_select_args * a, select_plan & P) {
     offset_taker   take;
     L.ctrl       = take(sizeof(select_control));
     L.fp_new     = take(cached ? sizeof(unsigned long long) * (size_t) P.n_seg : 0);
+    L.fp_match   = take(cached ? sizeof(int32_t) * (size_t) P.n_seg : 0);
     L.seg_hit    = take(cached ? sizeof(int32_t) * (size_t) P.n_seg : 0);
     L.cut_scores = take(P.keysim_parts > 0 ? sizeof(float) * (size_t) P.n_seg * a->in.n_head_kv * kSegment : 0);
     L.bounds     = take(sizeof(int32_t) * ((size_t) P.chunk_cap + 1));
@@ -1657,6 +1801,32 @@ scratch_layout plan_sizes(const dhsa_cuda_select_args * a, select_plan & P) {
     L.kc         = take(cached ? 0 : sizeof(float) * (size_t) n_slots * P.n_pairs);
     L.total      = take.off;
     return L;
+}
+
+// PYDHSA_CUDA_SELECT_PDL=0 launches the kernels without programmatic dependent launch (for comparison).
+bool pdl_enabled() {
+    static const bool enabled = [] {
+        const char * v = getenv("PYDHSA_CUDA_SELECT_PDL");
+        return v == nullptr || v[0] != '0';
+    }();
+    return enabled;
+}
+
+// A launch on the stream; pdl: the kernel may be launched before the previous one completes (it waits in
+// pdl_wait()).
+cudaError_t launch(void (*kernel)(select_plan), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, bool pdl,
+                   const select_plan & P) {
+    cudaLaunchAttribute attr[1];
+    attr[0].id                                         = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg                             = {};
+    cfg.gridDim                                        = grid;
+    cfg.blockDim                                       = block;
+    cfg.dynamicSmemBytes                               = smem;
+    cfg.stream                                         = stream;
+    cfg.attrs                                          = attr;
+    cfg.numAttrs                                       = pdl ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, kernel, P);
 }
 
 }  // namespace
@@ -1845,6 +2015,7 @@ cudaError_t dhsa_cuda_select(const struct dhsa_cuda_select_args * a, cudaStream_
         char * mem    = (char *) a->cache->mem;
         P.use_cache   = 1;
         P.fp_new      = (unsigned long long *) (base + L.fp_new);
+        P.fp_match    = (int32_t *) (base + L.fp_match);
         P.seg_hit     = (int32_t *) (base + L.seg_hit);
         P.cache_fp    = (unsigned long long *) (mem + C.fp);
         P.cache_valid = (int32_t *) (mem + C.valid);
@@ -1853,38 +2024,77 @@ cudaError_t dhsa_cuda_select(const struct dhsa_cuda_select_args * a, cudaStream_
         P.fp_segments = P.in.n_kv / kSegment;  // the complete segments of n_kv (those of n_eff are among them)
     }
 
+    if (!P.sparse_allowed) {
+        P.qb_ctas = 0;  // nothing reads Qb
+    }
     const unsigned n_bg = (unsigned) ((int64_t) P.n_blocks * P.in.n_head_kv);
+    int            device = 0, cc_major = 0, n_sm = 0;
+    cudaError_t    st = cudaGetDevice(&device);
+    if (st == cudaSuccess) {
+        st = cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, device);
+    }
+    if (st == cudaSuccess) {
+        st = cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, device);
+    }
+    if (st != cudaSuccess) {
+        return st;
+    }
+    const bool pdl = cc_major >= 9 && pdl_enabled();
 
-    row_positions_kernel<<<(unsigned) (P.row_ctas + P.fp_segments), kRowsPerCta * 32, 0, stream>>>(P);
+    st = launch(prologue_kernel, (unsigned) (P.qb_ctas + P.row_ctas + P.fp_segments), kPrologueThreads, 0, stream,
+                false, P);
+    if (st != cudaSuccess) {
+        return st;
+    }
     if (P.sparse_allowed) {
-        const int64_t keysim_ctas = (int64_t) P.n_seg * P.keysim_parts * P.in.n_head_kv;
-        keysim_and_qb_kernel<<<(unsigned) (keysim_ctas + P.qb_ctas), kKeysimThreads, 0, stream>>>(P);
-        segment_cuts_kernel<<<(unsigned) P.n_seg, kCutsThreads, 0, stream>>>(P);
-        kc_and_bounds_kernel<<<(unsigned) (P.n_seg * P.kc_groups * P.kc_pair_tiles), kKcThreads, 0, stream>>>(P);
-        const size_t qb_bytes = sizeof(float) * (size_t) (ceil_div(P.in.d, 2 * kScoreBatch) * 2 * kScoreBatch);
+        // keysim items over a grid of at most kKeysimCtasPerSm CTAs per SM, at most kKeysimThreads items each
+        const int64_t items  = (int64_t) P.n_seg * P.keysim_parts * P.in.n_head_kv;
+        const int64_t capped = items < (int64_t) n_sm * kKeysimCtasPerSm ? items : (int64_t) n_sm * kKeysimCtasPerSm;
+        const int64_t least  = ceil_div(items, kKeysimThreads);
+        const int64_t keysim_ctas = capped > least ? capped : least;
+        st = launch(keysim_kernel, (unsigned) (keysim_ctas > 1 ? keysim_ctas : 1), kKeysimThreads, 0, stream, pdl, P);
+        if (st == cudaSuccess) {
+            st = launch(segment_cuts_kernel, (unsigned) P.n_seg, kCutsThreads, 0, stream, pdl, P);
+        }
+        if (st == cudaSuccess) {
+            st = launch(kc_and_bounds_kernel, (unsigned) (P.n_seg * P.kc_groups * P.kc_pair_tiles), kKcThreads, 0, stream,
+                        pdl, P);
+        }
+        if (st != cudaSuccess) {
+            return st;
+        }
+        const size_t qb_bytes =
+            sizeof(float) * kScoreBlocks * (size_t) (ceil_div(P.in.d, 2 * kScoreBatch) * 2 * kScoreBatch);
         if (qb_bytes > 48 * 1024) {
-            const cudaError_t st = cudaFuncSetAttribute(chunk_scores_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                        (int) qb_bytes);
+            st = cudaFuncSetAttribute(chunk_scores_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) qb_bytes);
             if (st != cudaSuccess) {
                 return st;
             }
         }
-        chunk_scores_kernel<<<dim3(n_bg, (unsigned) ceil_div(P.chunk_cap, kScoreThreads)), kScoreThreads, qb_bytes,
-                              stream>>>(P);
+        st = launch(chunk_scores_kernel, dim3((unsigned) (P.score_tiles * P.in.n_head_kv), (unsigned) ceil_div(P.chunk_cap, kScoreThreads)),
+                    kScoreThreads, qb_bytes, stream, pdl, P);
+        if (st != cudaSuccess) {
+            return st;
+        }
         const size_t bitmap_bytes = sizeof(uint32_t) * (size_t) P.bitmap_words;
         if (bitmap_bytes > 48 * 1024) {  // more than 393K chunks
-            const cudaError_t st = cudaFuncSetAttribute(select_ranges_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                        (int) bitmap_bytes);
+            st = cudaFuncSetAttribute(select_ranges_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) bitmap_bytes);
             if (st != cudaSuccess) {
                 return st;
             }
         }
-        select_ranges_kernel<<<n_bg, kSelectThreads, bitmap_bytes, stream>>>(P);
+        st = launch(select_ranges_kernel, n_bg, kSelectThreads, bitmap_bytes, stream, pdl, P);
     } else {
         // Invalid parameters or budget >= 1: the CPU op is dense. (Sizes derived from invalid parameters,
-        // chunk_min 0 and such, would not be meaningful, so nothing else runs.)
-        control_kernel<<<1, 32, 0, stream>>>(P);
+        // chunk_min 0 and such, would not be meaningful, so only the control and the dense slots are
+        // written: select_ranges_kernel sees a selection that is not sparse.)
+        st = launch(control_kernel, 1, 32, 0, stream, pdl, P);
+        if (st == cudaSuccess) {
+            st = launch(select_ranges_kernel, n_bg, kSelectThreads, 0, stream, pdl, P);
+        }
     }
-    finish_kernel<<<(unsigned) ceil_div(n_bg, kFinishThreads), kFinishThreads, 0, stream>>>(P);
+    if (st != cudaSuccess) {
+        return st;
+    }
     return cudaGetLastError();
 }
