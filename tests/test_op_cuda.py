@@ -171,6 +171,34 @@ def test_cuda_selection_alone_matches_cpu(n_q, n_kv, heads, d, budget, boundary,
     assert gpu.ranges == cpu.ranges, f"seed {SEED}"
 
 
+def test_cuda_dense_fallbacks_match_cpu():
+    """Not sparse at run time: two sequences in one ubatch (non-consecutive positions) and too short a
+    context (min_context); the dense slots and the flag come from the selection's last kernel."""
+    rng = np.random.default_rng([SEED, 10])
+    n_q, n_kv = 200, 3100
+    Q, K, V = random_f16_inputs(rng, n_q, n_kv, 8, 4, 128)
+    visible = np.zeros((n_q, n_kv), dtype=bool)
+    for r in range(n_q):  # rows 0..99: keys [0, 2800 + r]; rows 100..199: a second sequence in cells >= 2950
+        if r < 100:
+            visible[r, : 2801 + r] = True
+        else:
+            visible[r, 2950: 2951 + r - 100] = True
+    assert visible[99].nonzero()[0][-1] == 2899 and visible[100].nonzero()[0][-1] == 2950  # not consecutive
+    cfg = DhsaConfig(budget=0.3, min_context=0)
+    gpu = run_attention(Q, K, V, "dhsa", cfg, device="cuda", visible=visible)
+    cpu = run_attention(Q, K, V, "dhsa", cfg, n_threads=4, visible=visible)
+    assert not gpu.sparse and not cpu.sparse
+    assert list(gpu.positions) == list(cpu.positions)
+    assert gpu.ranges == cpu.ranges
+    assert_close(gpu.out, cpu.out, "two sequences vs CPU op")
+    short = DhsaConfig(budget=0.3, min_context=n_kv + 1)
+    gpu = run_attention(Q, K, V, "dhsa", short, device="cuda")
+    cpu = run_attention(Q, K, V, "dhsa", short, n_threads=4)
+    assert not gpu.sparse and not cpu.sparse
+    assert gpu.ranges == cpu.ranges
+    assert_close(gpu.out, cpu.out, "min_context vs CPU op")
+
+
 # The fattn route: upstream's sparse MMA flash attention fed with our index lists. Shapes cover every tile
 # ggml picks on NVIDIA (ncols2 = 1, 2, 4, 8 from the GQA group and K/V padding), odd ubatches, a ubatch
 # that is not at the end of the cache, and the head sizes 64/128/256.
