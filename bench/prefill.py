@@ -21,17 +21,16 @@ with T_dense the median dense prefill time; reported with the achieved end-to-en
 the share of the possible gain reached, (achieved - 1) / (bound - 1), in amdahl.json and a table on stdout.
 
 The op runner's random inputs and separate process make that attention time an estimate, and it has been
-off in both directions (above the whole end-to-end saving at 8K, 96% of dense prefill at 32K where DHSA 0.1
-already removed 76%). So the bound is also computed from the model itself (--fit-lengths, default 1k,2k):
-short dense prompts in the same kind of worker give the per-token prefill time t(n)/n at n tokens, fitted as
+off in both directions (bench/README.md, Qwen2.5-Coder 0.5B). So the bound is also computed from the model
+itself (--fit-lengths, default 1k,2k): short dense prompts in the same kind of worker give the per-token
+prefill time t(n)/n at n tokens, fitted as
     t(n)/n = a + b * (n + 1) / 2          (a: work per token; b: attention work per query-key pair)
 by least squares, and the in-model attention time of the measured prompt is T_dense - a * n: everything that
-is not per-token work. Only the intercept a is used: it was stable across cache types (3.75 ms f16, 3.53 ms
-q8_0 on Qwen2.5 0.5B), while b grows with the context on a q8_0 cache (3.3 us per pair at 1-2K, 4.0 at 16K),
-so b n (n + 1) / 2 would understate long prompts. That split assumes every layer's attention grows with the
-context, true for models without sliding windows (Qwen, Llama), not for Gemma's windowed layers (their work
-stops growing at the window and lands in a); the table shows both shares and both bounds (the fit's with the
-op speedup of the estimate).
+is not per-token work. Only the intercept a is used: b grows with the context on a q8_0 cache (measured in
+bench/README.md), so b n (n + 1) / 2 would understate long prompts. That split assumes every layer's
+attention grows with the context, true for models without sliding windows (Qwen, Llama), not for Gemma's
+windowed layers (their work stops growing at the window and lands in a); the table shows both shares and
+both bounds (the fit's with the op speedup of the estimate).
 
     python bench/prefill.py --quick                          # smoke test: 1K and 2K prompts, one repeat
     python bench/prefill.py --lengths 8k --methods dense,dhsa:0.1,dhsa:0.3 --repeats 5

@@ -45,7 +45,7 @@ def test_fit_needs_two_lengths_and_ignores_sparse_rows():
         [1024, 1024 * (1.0 + 1e-3 * 1025 / 2)], [2048, 2048 * (1.0 + 1e-3 * 2049 / 2)]]
 
 
-def test_bound_from_the_fit():
+def test_amdahl_arithmetic_that_both_bounds_use():
     """With attention 80% of dense and an op 4x faster, the bound is 1 / (0.2 + 0.8 / 4) = 2.5x."""
     P = load_prefill()
     res = P.amdahl(t_dense_ms=1000.0, t_dhsa_ms=500.0, attn_flash_ms=800.0, attn_dhsa_ms=200.0)
